@@ -1,0 +1,123 @@
+"""SFT sub-phases from a validation-loss series, and the min-val-loss vs. ceiling correlation.
+
+Given validation losses L_0..L_{n-1} (in order of SFT compute) and L_min = min_i L_i:
+
+    Stable    L_i <= (1 + d1) L_min                                  and every point between the
+              first and the last such point (a brief bump inside the stable band stays Stable)
+    Adaptive  every point before the first Stable point               (the loss is still falling)
+    Mild      (1 + d1) L_min < L_i < (1 + d2) L_min, after the last Stable point
+    Severe    L_i >= (1 + d2) L_min, after the last Stable point       (over-fitting has set in)
+
+Defaults d1 = 0.02, d2 = 0.10 (the paper's 1.02 / 1.10 L_min bars). The minimum itself is always Stable,
+so every non-empty series has a Stable point. The rules only look at the series given, so they work
+online: call `current_subphase(losses_so_far)` after each validation. Earlier labels may change as a new
+minimum arrives; that is the nature of a relative bar.
+
+`ceiling_correlation` is the Pearson correlation between each scene's minimum validation loss and its best
+A_post (the paper reports a strong negative one: lower SFT loss, higher ceiling).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+ADAPTIVE, STABLE, MILD, SEVERE = "Adaptive", "Stable", "Mild", "Severe"
+SUBPHASES = (ADAPTIVE, STABLE, MILD, SEVERE)
+
+
+def _check(losses: Sequence[float], d1: float, d2: float) -> np.ndarray:
+    if not 0 <= d1 < d2:
+        raise ValueError(f"need 0 <= d1 < d2, got d1={d1}, d2={d2}")
+    arr = np.asarray(losses, dtype=float)
+    if arr.ndim != 1 or len(arr) == 0:
+        raise ValueError("losses must be a non-empty 1-D sequence")
+    bad = np.flatnonzero(~np.isfinite(arr) | (arr <= 0))
+    if len(bad):
+        raise ValueError(f"validation loss {bad[0]} is {arr[bad[0]]}: losses must be finite and > 0")
+    return arr
+
+
+def classify_subphases(losses: Sequence[float], d1: float = 0.02, d2: float = 0.10) -> list[str]:
+    """One label per loss: "Adaptive", "Stable", "Mild" or "Severe" (rules in the module docstring)."""
+    arr = _check(losses, d1, d2)
+    l_min = arr.min()
+    stable = np.flatnonzero(arr <= (1 + d1) * l_min)
+    first, last = stable[0], stable[-1]
+    labels = []
+    for i, loss in enumerate(arr):
+        if i < first:
+            labels.append(ADAPTIVE)
+        elif i <= last:
+            labels.append(STABLE)
+        elif loss < (1 + d2) * l_min:
+            labels.append(MILD)
+        else:
+            labels.append(SEVERE)
+    return labels
+
+
+def current_subphase(losses: Sequence[float], d1: float = 0.02, d2: float = 0.10) -> str:
+    """The sub-phase of the latest validation, judged on the series so far (for the SFT trainer's log)."""
+    return classify_subphases(losses, d1, d2)[-1]
+
+
+@dataclass(frozen=True)
+class SubphaseSpan:
+    """A run of consecutive points with one label; indices are inclusive."""
+
+    phase: str
+    start: int
+    end: int
+
+
+def subphase_spans(losses: Sequence[float], d1: float = 0.02, d2: float = 0.10) -> list[SubphaseSpan]:
+    """The labels of `classify_subphases` as runs, e.g. for shading a plot."""
+    labels = classify_subphases(losses, d1, d2)
+    spans: list[SubphaseSpan] = []
+    for i, label in enumerate(labels):
+        if spans and spans[-1].phase == label:
+            spans[-1] = SubphaseSpan(label, spans[-1].start, i)
+        else:
+            spans.append(SubphaseSpan(label, i, i))
+    return spans
+
+
+@dataclass(frozen=True)
+class Correlation:
+    """Pearson r between minimum validation loss and best A_post over scenes, with its two-sided p-value."""
+
+    r: float
+    p_value: float
+    n: int
+
+
+def ceiling_correlation(pairs: Sequence[tuple[float, float]]) -> Correlation:
+    """Pearson correlation of (min validation loss, best A_post) pairs, one pair per scene.
+
+    Needs at least 3 finite pairs and variation in both coordinates (otherwise r is undefined).
+    """
+    from scipy.stats import pearsonr  # scipy import is slow; only this function needs it
+
+    arr = np.asarray(pairs, dtype=float)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError(f"pairs must be (min_val_loss, A_post) pairs, got shape {arr.shape}")
+    if len(arr) < 3:
+        raise ValueError(f"need at least 3 scenes for a correlation, got {len(arr)}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("pairs contain NaN or inf")
+    if np.ptp(arr[:, 0]) == 0 or np.ptp(arr[:, 1]) == 0:
+        raise ValueError("a coordinate is constant over all pairs: the correlation is undefined")
+    res = pearsonr(arr[:, 0], arr[:, 1])
+    return Correlation(float(res.statistic), float(res.pvalue), len(arr))
+
+
+def best_a_post(results) -> float:
+    """The highest finite A_post among fit results (anything with an `A_post` attribute)."""
+    values = [r.A_post for r in results if math.isfinite(r.A_post)]
+    if not values:
+        raise ValueError("no finite A_post among the results")
+    return max(values)

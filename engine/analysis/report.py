@@ -1,0 +1,210 @@
+"""Tables and figures of a scene's ceiling fits (the paper's Table 4 and its fit figures).
+
+Table columns (Table 4 first, then diagnostics):
+    SFT step | SFT EFLOPs | PL_rl | C_mid | B | P_sft | A_post | R2 train | RMSE val | R2 val | outliers
+with PL_rl = A (the asymptotic RL gain) and A_post = P_sft + PL_rl. A branch whose fit failed keeps its row
+with the error in the notes.
+
+Figures (matplotlib, drawn on `Figure` objects with the Agg canvas, so no global backend is touched):
+    branches.png  one panel per branch: train points, held-out points, flagged outliers, points trimmed by
+                  LTS, unused points (before --train-start), and the fitted curve with its asymptote A
+    a_post.png    A_post stacked as P_sft + PL_rl per SFT checkpoint, in order of SFT compute
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.analysis.fit import FitError, FitResult
+
+COLUMNS = ("SFT step", "SFT EFLOPs", "PL_rl", "C_mid", "B", "P_sft", "A_post",
+           "R2 train", "RMSE val", "R2 val", "outliers")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: the step, its compute and either a fit or the error that stopped it."""
+
+    sft_step: int
+    sft_exaflops: float
+    fit: FitResult | None
+    error: str | None = None
+
+    def cells(self) -> list[str]:
+        head = [str(self.sft_step), f"{self.sft_exaflops:.2f}"]
+        if self.fit is None:
+            return head + ["—"] * (len(COLUMNS) - 2)
+        f = self.fit
+        return head + [_num(f.PL_rl), _num(f.C_mid), _num(f.B), _num(f.P_sft), _num(f.A_post),
+                       _num(f.r2_train, 3), _num(f.rmse_val), _num(f.r2_val, 3), str(f.n_outliers)]
+
+    def to_dict(self) -> dict:
+        base = {"sft_step": self.sft_step, "sft_exaflops": self.sft_exaflops}
+        if self.fit is None:
+            return base | {"error": self.error}
+        return base | self.fit.to_dict()
+
+
+def _num(v: float | None, digits: int = 2) -> str:
+    if v is None or not math.isfinite(v):
+        return "—"
+    return f"{v:.{digits}f}" if abs(v) < 1e6 else f"{v:.3g}"
+
+
+def rows_from(results: dict[int, FitResult | FitError], scene) -> list[Row]:
+    """Table rows in SFT-step order from `fit.fit_scene` output."""
+    rows = []
+    for step, res in sorted(results.items()):
+        c = scene.branch(step).sft_exaflops
+        if isinstance(res, FitResult):
+            rows.append(Row(step, c, res))
+        else:
+            rows.append(Row(step, c, None, str(res)))
+    return rows
+
+
+def markdown_table(rows: list[Row], title: str | None = None) -> str:
+    lines = [f"### {title}", ""] if title else []
+    lines.append("| " + " | ".join(COLUMNS) + " |")
+    lines.append("|" + "|".join(" ---: " for _ in COLUMNS) + "|")
+    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
+    notes = _notes(rows)
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def _notes(rows: list[Row]) -> list[str]:
+    out = []
+    for r in rows:
+        if r.error:
+            out.append(f"- step {r.sft_step}: fit failed: {r.error}")
+        elif r.fit is not None:
+            out += [f"- step {r.sft_step}: {w}" for w in r.fit.warnings]
+    return out
+
+
+def csv_table(rows: list[Row]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    keys = ["sft_step", "sft_exaflops", "PL_rl", "C_mid", "B", "C0", "P_sft", "A_post", "r2_train",
+            "rmse_train", "rmse_val", "r2_val", "n_train", "n_val", "n_outliers", "method", "error"]
+    writer.writerow(keys)
+    for r in rows:
+        d = r.to_dict()
+        writer.writerow(["" if d.get(k) is None else d.get(k) for k in keys])
+    return buf.getvalue()
+
+
+def write_tables(rows: list[Row], out_dir: Path, title: str) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out_dir / "table.md", "csv": out_dir / "table.csv", "json": out_dir / "table.json"}
+    paths["md"].write_text(markdown_table(rows, title))
+    paths["csv"].write_text(csv_table(rows))
+    paths["json"].write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
+    return paths
+
+
+def identified(fit: FitResult) -> bool:
+    """False where the ceiling is not a number to plot (non-finite, or C_mid far beyond the data)."""
+    vals = (fit.A, fit.C_mid, fit.B, fit.C0)
+    return all(math.isfinite(v) for v in vals) and fit.C_mid <= 10 * fit.x[fit.train].max()
+
+
+def _draw_branch(ax, fit: FitResult, title: str) -> None:
+    x, y = fit.x, fit.y
+    fitted = fit.train & ~fit.flagged
+    trimmed = fitted & ~fit.kept  # fitted points that LTS left out of its h
+    unused = ~fit.train & ~fit.val
+    ax.scatter(x[fit.kept], y[fit.kept], s=14, color="tab:blue", label="train", zorder=3)
+    if trimmed.any():
+        ax.scatter(x[trimmed], y[trimmed], s=14, facecolors="none", edgecolors="tab:blue",
+                   label="trimmed (LTS)", zorder=3)
+    if fit.val.any():
+        ax.scatter(x[fit.val], y[fit.val], s=14, color="tab:orange", label="held-out", zorder=3)
+    if fit.flagged.any():
+        ax.scatter(x[fit.flagged], y[fit.flagged], s=28, marker="x", color="tab:red", label="outlier",
+                   zorder=4)
+    if unused.any():
+        ax.scatter(x[unused], y[unused], s=10, color="0.6", label="unused", zorder=2)
+    grid = np.linspace(0.0, x.max() * 1.05, 300)
+    ax.plot(grid, fit.predict(grid), color="k", lw=1.2, label="fit")
+    if identified(fit):
+        ax.axhline(fit.A, color="k", ls=":", lw=0.8)
+    ax.set_title(title, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+
+
+def plot_branches(rows: list[Row], path: Path, scene_name: str) -> Path:
+    """One panel per fitted branch (gain vs. RL EFLOPs) in a grid."""
+    from matplotlib.figure import Figure
+
+    fits = [r for r in rows if r.fit is not None]
+    ncols = min(4, max(1, len(fits)))
+    nrows = max(1, math.ceil(len(fits) / ncols))
+    fig = Figure(figsize=(3.4 * ncols, 2.7 * nrows + 0.6), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax, r in zip(axes.flat, fits):
+        f = r.fit
+        warn = " (!)" if f.warnings else ""
+        _draw_branch(ax, f, f"SFT step {r.sft_step} ({r.sft_exaflops:.1f} EF){warn}\n"
+                            f"PL_rl={_num(f.PL_rl)}  A_post={_num(f.A_post)}  R²={_num(f.r2_train, 2)}")
+    for ax in list(axes.flat)[len(fits):]:
+        ax.set_visible(False)
+    if fits:
+        handles, labels = {}, {}
+        for ax in axes.flat[: len(fits)]:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(lab, h)
+                labels[lab] = lab
+        fig.legend(list(handles.values()), list(labels), loc="outside lower center", ncols=len(labels),
+                   fontsize=8)
+    fig.suptitle(f"{scene_name}: gain over P_sft (points) vs. RL EFLOPs since the SFT checkpoint"
+                 f"   ((!) = see warnings)", fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_a_post(rows: list[Row], path: Path, scene_name: str) -> Path:
+    """A_post = P_sft + PL_rl as stacked bars per SFT checkpoint, in order of SFT compute."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(5.0, 0.75 * len(rows) + 2), 4.2), layout="constrained")
+    ax = fig.subplots()
+    pos = np.arange(len(rows))
+    for i, r in enumerate(rows):
+        if r.fit is None:
+            ax.text(i, 1, "fit failed", rotation=90, ha="center", va="bottom", fontsize=7)
+            continue
+        f = r.fit
+        ax.bar(i, f.P_sft, color="tab:blue", width=0.7, label="P_sft" if i == 0 else None)
+        if not identified(f):
+            ax.text(i, f.P_sft + 0.5, "ceiling n/a", rotation=90, ha="center", va="bottom", fontsize=7)
+            continue
+        # PL_rl < 0 (RL loses) draws downward from P_sft, hatched, so the top of the stack is A_post.
+        ax.bar(i, f.PL_rl, bottom=f.P_sft, width=0.7, color="tab:orange" if f.PL_rl >= 0 else "tab:red",
+               hatch=None if f.PL_rl >= 0 else "//", label="PL_rl" if i == 0 else None)
+        ax.text(i, max(f.A_post, f.P_sft) + 0.4, f"{f.A_post:.1f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(pos, [f"{r.sft_step}\n{r.sft_exaflops:.0f}" for r in rows], fontsize=7)
+    ax.set_xlabel("SFT step / SFT EFLOPs", fontsize=8)
+    ax.set_ylabel("performance (%)", fontsize=8)
+    tops = [r.fit.A_post for r in rows if r.fit is not None and identified(r.fit)]
+    bottoms = [r.fit.P_sft for r in rows if r.fit is not None]
+    if bottoms:
+        lo = min(bottoms + tops)
+        ax.set_ylim(max(0.0, lo - 10), max(tops + bottoms) + 4)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"{scene_name}: ceiling A_post = P_sft + PL_rl", fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path

@@ -1,0 +1,106 @@
+"""Tokenizers: the built-in character tokenizer for the synthetic task, and local HF tokenizer dirs.
+
+Why a character tokenizer: the CPU test model must be tiny, so its embedding must be tiny too.
+`build_char_tokenizer()` builds one on the fly with the `tokenizers` library (a BPE model with no
+merges, i.e. one token per character) and wraps it as a `transformers.PreTrainedTokenizerFast`,
+so the engine treats it exactly like a real model's tokenizer: `apply_chat_template`,
+`eos_token`/`pad_token`, `save_pretrained`/`from_pretrained` round-trip.
+
+Vocabulary (fixed, deterministic ids, 101 tokens):
+    0 `<|endoftext|>` (pad)   1 `<|im_start|>`   2 `<|im_end|>` (eos / end of turn)   3 `<unk>`
+    4 `\\n`   5 `\\t`   6.. printable ASCII 0x20..0x7E in code-point order
+Any other character encodes to `<unk>`; it is never dropped. `count_unknown` counts such tokens so
+that the data layer can report them.
+
+The chat template is Qwen's ChatML without a default system prompt:
+    <|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n{response}<|im_end|>
+
+`load_tokenizer("char")` builds this tokenizer; any other value is a local HF tokenizer dir, loaded
+with `local_files_only=True` (nothing is ever downloaded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders
+from tokenizers.models import BPE
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from engine.errors import CeilingError
+
+PAD_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+UNK_TOKEN = "<unk>"
+SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END, UNK_TOKEN)
+CHARS = "\n\t" + "".join(chr(c) for c in range(0x20, 0x7F))
+
+# End-of-turn tokens in order of preference (ChatML, Llama 3); the tokenizer's eos is the fallback.
+END_OF_TURN_TOKENS = (IM_END, "<|eot_id|>")
+
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def char_vocab() -> dict[str, int]:
+    """Token -> id of the character tokenizer (special tokens first, then characters)."""
+    tokens = list(SPECIAL_TOKENS) + list(CHARS)
+    return {tok: i for i, tok in enumerate(tokens)}
+
+
+def build_char_tokenizer(model_max_length: int = 1 << 20) -> PreTrainedTokenizerFast:
+    """Build the character-level ChatML tokenizer (vocab size 101) as a `PreTrainedTokenizerFast`."""
+    vocab = char_vocab()
+    # A BPE model without merges splits text into single characters and maps unknown ones to <unk>.
+    backend = Tokenizer(BPE(vocab=vocab, merges=[], unk_token=UNK_TOKEN, fuse_unk=False))
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    backend.decoder = decoders.Fuse()  # join characters without the default space separator
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=IM_END,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        model_max_length=model_max_length,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def load_tokenizer(path_or_name: str | Path) -> PreTrainedTokenizerBase:
+    """`"char"` builds the character tokenizer; otherwise load a local HF tokenizer dir (no downloads)."""
+    if str(path_or_name) == "char":
+        return build_char_tokenizer()
+    path = Path(path_or_name)
+    if not path.is_dir():
+        raise CeilingError(f"tokenizer: {path} is not a local directory (and not the name 'char')")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CeilingError(f"tokenizer: cannot load {path}: {exc}") from exc
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Id that closes an assistant turn: `<|im_end|>` or `<|eot_id|>` when in the vocab, else eos."""
+    vocab = tokenizer.get_vocab()
+    for token in END_OF_TURN_TOKENS:
+        if token in vocab:
+            return vocab[token]
+    if tokenizer.eos_token_id is None:
+        raise CeilingError("tokenizer has no end-of-turn token (<|im_end|>, <|eot_id|>) and no eos_token")
+    return int(tokenizer.eos_token_id)
+
+
+def count_unknown(tokenizer: PreTrainedTokenizerBase, ids: Iterable[int]) -> int:
+    """How many ids are the tokenizer's `<unk>` (0 for byte-level tokenizers, which have none)."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return 0
+    return sum(1 for i in ids if i == unk)

@@ -1,0 +1,121 @@
+"""Process groups, devices and FSDP2, in one place: the rest of the engine never asks which rank it is.
+
+Device types and their collective backends:
+    cuda  nccl   bf16 params and compute, fp32 gradient reduction
+    npu   hccl   via torch_npu (Ascend). Written against torch_npu's documented API; NOT run here
+    cpu   gloo   fp32 throughout; how tests run FSDP2 with 2 ranks
+
+Launch with torchrun (one or many nodes); a plain `python` run is a world of one.
+
+    torchrun --nproc-per-node 8 -m engine.cli sft configs/qwen2.5-7b-sft.yaml
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def detect_device_type(requested: str = "auto") -> str:
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    try:
+        import torch_npu  # noqa: F401
+
+        if torch.npu.is_available():
+            return "npu"
+    except ImportError:
+        pass
+    return "cpu"
+
+
+BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
+
+
+def init_distributed(device_type: str = "auto", timeout_s: int = 1800) -> DistInfo:
+    """Initialise the default process group (a world of one without torchrun) and pick the device."""
+    device_type = detect_device_type(device_type)
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    elif device_type == "npu":
+        import torch_npu  # noqa: F401  (registers the npu device and the hccl backend)
+
+        torch.npu.set_device(local_rank)
+        device = torch.device("npu", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 20000))
+        dist.init_process_group(
+            BACKENDS[device_type], rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
+        )
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def compute_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
+    """bf16 on accelerators, fp32 on CPU, unless the config says otherwise."""
+    if requested == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+
+
+def apply_fsdp(model: nn.Module, layers: nn.ModuleList, *, param_dtype: torch.dtype, device: torch.device,
+               activation_checkpointing: bool = False) -> nn.Module:
+    """FSDP2: activation checkpointing (optional), then fully_shard per decoder layer, then the root.
+
+    Parameters stay fp32 (the optimizer's master copy); FSDP casts them to `param_dtype` for compute
+    and reduces gradients in fp32. The root is not resharded after forward: backward needs it at once.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for i, layer in enumerate(layers):
+            layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    model.to(device)
+    for layer in layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+    return model
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

@@ -1,0 +1,108 @@
+"""Run directory and metrics: `runs/<name>/` with the resolved config, `metrics.jsonl`, TensorBoard.
+
+    runs/<name>/config.yaml     the resolved config, exactly what ran (written at start)
+    runs/<name>/metrics.jsonl   one JSON object per logged step: {"step": 12, "time": ..., "train/loss": ...}
+    runs/<name>/tb/             TensorBoard events (when enabled and tensorboard is installed)
+
+Keys are namespaced with `/` (`train/loss`, `val/loss`, `perf/tokens_per_s`, `compute/exaflops`).
+Only rank 0 writes. Values may be Python numbers or 0-d tensors; they are converted here, at the
+logging interval, which is the only place the training loop pays for a host sync. NaN and inf are
+written as null (JSON has no NaN) and listed under "nonfinite".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from engine.config import dump_config
+
+log = logging.getLogger("ceiling")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def make_run_dir(output_dir: str | Path, name: str, cfg: Any | None = None) -> Path:
+    """Create `output_dir/name` (kept if it exists: resume) and snapshot the resolved config."""
+    run_dir = Path(output_dir) / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg is not None:
+        dump_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def _to_number(value: Any) -> Any:
+    if hasattr(value, "item"):  # torch / numpy scalars
+        value = value.item()
+    return value
+
+
+class MetricsLogger:
+    """Appends one JSON line per `log` call; mirrors scalars to TensorBoard when asked."""
+
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool = False, enabled: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self._file = self.path.open("a") if enabled else None
+        self._tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.warning("tensorboard is not installed (pip install tensorboard); logging to metrics.jsonl only")
+            else:
+                self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        record: dict[str, Any] = {"step": int(step), "time": round(time.time(), 3)}
+        nonfinite = []
+        for key, value in metrics.items():
+            value = _to_number(value)
+            if isinstance(value, float) and not math.isfinite(value):
+                nonfinite.append(key)
+                value = None
+            record[key] = value
+        if nonfinite:
+            record["nonfinite"] = nonfinite
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, int | float) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, step)
+        return record
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Read a metrics.jsonl back (used by reports and tests)."""
+    with Path(path).open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def progress(total: int, desc: str, *, initial: int = 0, enabled: bool = True) -> tqdm:
+    """A progress bar with rate and ETA; silent on non-zero ranks (`enabled=False`)."""
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, smoothing=0.1)

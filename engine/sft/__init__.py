@@ -1,0 +1,29 @@
+"""`ceiling sft CONFIG [--set section.key=value ...]`: supervised fine-tuning (engine/sft/trainer.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("sft", help="supervised fine-tuning on expert trajectories (packed, FSDP2)",
+                              description=__doc__)
+    p.add_argument("config", help="YAML run config (see configs/tiny.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set sft.lr=3e-4 (repeatable)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from engine.config import load_config
+    from engine.distributed import destroy_distributed
+    from engine.metrics import setup_logging
+    from engine.sft.trainer import SFTJobConfig, run_sft
+
+    setup_logging()
+    job = load_config(args.config, SFTJobConfig, args.overrides)
+    try:
+        run_sft(job)
+    finally:
+        destroy_distributed()
+    return 0

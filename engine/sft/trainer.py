@@ -1,0 +1,362 @@
+"""SFT on packed expert trajectories: FSDP2, fused LM-head loss, validation sub-phases, exact resume.
+
+    ceiling sft configs/tiny.yaml                                   # CPU, one process
+    torchrun --nproc-per-node 8 -m engine.cli sft configs/qwen2.5-7b-sft.yaml
+
+Each optimizer step takes `global_batch_size` sequences (as in the paper, independent of the rank
+count) in a fixed, seeded order, packs them first-fit-decreasing into micro-batches of at most
+`micro_batch_tokens` tokens, spreads those over the ranks by tokens, and accumulates gradients. The
+loss is the token-mean over the whole global batch: each micro-batch contributes its summed token
+loss divided by the batch's loss-token count, which every rank knows from the plan, so no
+communication is needed for it, and the result does not depend on how the batch was split.
+
+Every `val_every` steps the validation loss (same token-mean) is computed and the SFT sub-phase
+(Adaptive / Stable / Mild / Severe, engine/analysis/phases.py) is logged; the minimum-validation-loss
+checkpoint is kept. Checkpoints hold model, optimizer, scheduler and RNG; the data position follows
+from the step, so a resumed run replays exactly the losses of an uninterrupted one.
+A non-finite loss or gradient norm stops the run before the update, names the step and the
+micro-batch's sample ids, and leaves the last good checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from engine import flops as flops_lib
+from engine.analysis.phases import current_subphase
+from engine.checkpoint import (
+    export_hf,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from engine.config import DataConfig, ModelConfig, RunConfig
+from engine.data.packing import IGNORE_INDEX, PackedBatch, collate_packed, pack_for_ranks
+from engine.data.sft_dataset import SFTSample, load_sft_file
+from engine.data.synthetic import write_task
+from engine.data.tokenizer import load_tokenizer
+from engine.distributed import DistInfo, all_reduce_sum, apply_fsdp, barrier, compute_dtype, init_distributed
+from engine.errors import CeilingError
+from engine.losses import linear_cross_entropy
+from engine.metrics import MetricsLogger, make_run_dir, progress
+from engine.models import PackedCausalLM, build_model, set_attention_backend
+
+log = logging.getLogger("ceiling")
+
+
+@dataclass
+class SFTConfig:
+    """Optimisation, batching, validation and checkpointing of SFT."""
+
+    steps: int = 100
+    """Optimizer steps."""
+    global_batch_size: int = 512
+    """Sequences per optimizer step, summed over all ranks (the paper uses 512)."""
+    micro_batch_tokens: int = 16384
+    """Token budget of one packed micro-batch (per rank)."""
+    lr: float = 1e-5
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.0
+    """Cosine decays to lr * min_lr_ratio."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 disables clipping; the norm is still logged)."""
+    val_every: int = 50
+    """Validation loss every N steps (and at the last step); 0 disables."""
+    checkpoint_every: int = 100
+    """Checkpoint every N steps (and at the last step); 0 keeps only the final one."""
+    keep_checkpoints: int = 3
+    """Newest checkpoints kept on disk (the min-val-loss checkpoint is always kept)."""
+    save_best: bool = True
+    """Checkpoint every new minimum of the validation loss."""
+    subphase_d1: float = 0.02
+    """Stable sub-phase: L <= (1 + d1) L_min."""
+    subphase_d2: float = 0.10
+    """Severe sub-phase: L >= (1 + d2) L_min."""
+    export_hf: bool = True
+    """Write the final model as an HF directory `<run>/hf/`."""
+
+    def __post_init__(self):
+        for name in ("steps", "global_batch_size", "micro_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sft.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.lr < 1.0:
+            raise ValueError(f"sft.lr must be in (0, 1), got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"sft.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("warmup_steps", "val_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"sft.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.subphase_d1 < self.subphase_d2:
+            raise ValueError("sft: need 0 < subphase_d1 < subphase_d2")
+
+
+@dataclass
+class SFTJobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(config="configs/models/tiny-qwen2.json",
+                                                                   tokenizer="char"))
+    data: DataConfig = field(default_factory=lambda: DataConfig(synthetic=None, train_path="train.jsonl"))
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/inf loss or gradient; the message names the step and the sample ids."""
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress_frac = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_frac)))
+
+
+class DataOrder:
+    """A seeded stream of sample indices: epoch e is a fixed permutation; step s reads a fixed slice."""
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples, self.seed = num_samples, seed
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.num_samples, generator=gen).tolist()
+        return self._perm
+
+    def batch(self, step: int, batch_size: int) -> list[int]:
+        out = []
+        for pos in range(step * batch_size, (step + 1) * batch_size):
+            out.append(self._permutation(pos // self.num_samples)[pos % self.num_samples])
+        return out
+
+
+def load_data(job: SFTJobConfig, tokenizer, run_dir: Path, info: DistInfo):
+    """Tokenized train and validation samples (the synthetic task is first written to `<run>/data/`)."""
+    data = job.data
+    train_path, val_path = data.train_path, data.val_path
+    if data.synthetic is not None:
+        out = run_dir / "data"
+        if info.is_main and not (out / "task_config.json").is_file():
+            write_task(data.synthetic, out)
+        barrier()
+        train_path, val_path = str(out / "train.jsonl"), str(out / "val.jsonl")
+    train, train_stats = load_sft_file(train_path, tokenizer, data.max_seq_len, data.overlong)
+    val = []
+    if val_path:
+        val, _ = load_sft_file(val_path, tokenizer, data.max_seq_len, data.overlong)
+    return train, val, train_stats
+
+
+def _dummy_batch() -> PackedBatch:
+    """A one-token micro-batch with no loss token: keeps FSDP collectives in step on a rank with no work."""
+    return collate_packed([[0]], [[0]], [-1])
+
+
+class SFTTrainer:
+    def __init__(self, job: SFTJobConfig):
+        self.job, self.cfg = job, job.sft
+        self.info = init_distributed(job.run.device)
+        set_attention_backend(job.model.attention)
+        self.run_dir = make_run_dir(job.run.output_dir, job.run.name, job if self.info.is_main else None)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.tokenizer = load_tokenizer(job.model.tokenizer)
+        self.train, self.val, self.train_stats = load_data(job, self.tokenizer, self.run_dir, self.info)
+        if self.train_stats.num_truncated or self.train_stats.num_dropped:
+            log.info("train data: %d truncated, %d dropped of %d rows", self.train_stats.num_truncated,
+                     self.train_stats.num_dropped, self.train_stats.num_rows)
+        too_long = max(len(s) for s in self.train + self.val)
+        if too_long > self.cfg.micro_batch_tokens:
+            raise CeilingError(f"sft.micro_batch_tokens={self.cfg.micro_batch_tokens} is below the longest "
+                               f"sample ({too_long} tokens); raise it or lower data.max_seq_len")
+        hf = build_model(path=job.model.path, config=job.model.config, dtype=torch.float32, seed=job.run.seed)
+        self.model_config = hf.config
+        self.model = PackedCausalLM(hf)
+        self.dtype = compute_dtype(self.info.device, job.model.dtype)
+        apply_fsdp(self.model, self.model.layers, param_dtype=self.dtype, device=self.info.device,
+                   activation_checkpointing=job.model.activation_checkpointing)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, betas=self.cfg.betas,
+                                           eps=self.cfg.eps, weight_decay=self.cfg.weight_decay,
+                                           foreach=True)  # one kernel per op for all (D)Tensors
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
+            warmup_cosine, warmup=self.cfg.warmup_steps, total=self.cfg.steps, min_ratio=self.cfg.min_lr_ratio))
+        self.order = DataOrder(len(self.train), job.run.seed)
+        self.step = 0
+        self.state = {"val_history": [], "best": None, "exaflops": 0.0, "tokens": 0}
+        self.peak = flops_lib.peak_flops(self.info.device, job.run.peak_tflops)
+
+    # ------------------------------------------------------------ one micro-batch
+    def _micro_batch(self, samples: list[SFTSample], ids: list[int]) -> PackedBatch:
+        if not ids:
+            return _dummy_batch()
+        return collate_packed([samples[i].input_ids for i in ids], [samples[i].loss_mask for i in ids], ids)
+
+    def _loss_sum(self, batch: PackedBatch) -> torch.Tensor:
+        batch = batch.to(self.info.device)
+        loss_fn = partial(linear_cross_entropy, labels=batch.labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        return self.model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, loss_fn)
+
+    # ------------------------------------------------------------ one optimizer step
+    def train_step(self) -> dict[str, float]:
+        ids = self.order.batch(self.step, self.cfg.global_batch_size)
+        lengths = [len(self.train[i]) for i in ids]
+        plan = pack_for_ranks(lengths, self.cfg.micro_batch_tokens, self.info.world_size)
+        n_loss = sum(sum(self.train[i].loss_mask[1:]) for i in ids)  # loss tokens of the global batch
+        scale = self.info.world_size / max(n_loss, 1)  # FSDP averages grads over ranks; undo, then token-mean
+        mine = plan[self.info.rank]
+        loss_sum = torch.zeros((), device=self.info.device)
+        mb_losses = []
+        self.model.train()
+        for k, local in enumerate(mine):
+            self.model.set_requires_gradient_sync(k == len(mine) - 1)
+            mb_ids = [ids[j] for j in local]
+            loss = self._loss_sum(self._micro_batch(self.train, mb_ids))
+            (loss * scale).backward()
+            mb_losses.append((mb_ids, loss.detach()))
+            loss_sum += loss.detach()
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        all_reduce_sum(loss_sum)
+        # The NaN guard: one host sync per optimizer step, before the update can spoil the weights.
+        if not (torch.isfinite(loss_sum) & torch.isfinite(grad_norm)).item():
+            bad = [mb for mb, loss in mb_losses if not torch.isfinite(loss).item()]
+            raise NonFiniteError(
+                f"non-finite {'loss' if bad else 'gradient norm'} at step {self.step + 1}: "
+                f"loss_sum={loss_sum.item()}, grad_norm={grad_norm.item()}, "
+                f"sample ids of bad micro-batches on rank {self.info.rank}: {bad or 'none (loss finite here)'}; "
+                f"the last good checkpoint is {latest_checkpoint(self.ckpt_root)}"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step += 1
+        tokens = sum(lengths)
+        step_flops = flops_lib.sft_step_flops(self.model_config, tokens, tokens / len(ids))
+        self.state["exaflops"] += step_flops / 1e18
+        self.state["tokens"] += tokens
+        return {"train/loss": loss_sum / max(n_loss, 1), "train/grad_norm": grad_norm, "train/lr": lr,
+                "train/loss_tokens": n_loss, "train/tokens": tokens, "train/micro_batches": len(mine),
+                "compute/step_flops": step_flops}
+
+    # ------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self) -> float:
+        self.model.eval()
+        lengths = [len(s) for s in self.val]
+        plan = pack_for_ranks(lengths, self.cfg.micro_batch_tokens, self.info.world_size)
+        total = torch.zeros((), device=self.info.device)
+        for local in plan[self.info.rank]:
+            total += self._loss_sum(self._micro_batch(self.val, local))
+        all_reduce_sum(total)
+        n_loss = sum(sum(s.loss_mask[1:]) for s in self.val)
+        return (total / max(n_loss, 1)).item()
+
+    def _record_validation(self) -> dict[str, object]:
+        val_loss = self.validate()
+        history = self.state["val_history"]
+        history.append({"step": self.step, "exaflops": self.state["exaflops"], "val_loss": val_loss})
+        losses = [h["val_loss"] for h in history]
+        phase = current_subphase(losses, self.cfg.subphase_d1, self.cfg.subphase_d2)
+        history[-1]["subphase"] = phase
+        is_best = val_loss <= min(losses)
+        if is_best:
+            self.state["best"] = {"step": self.step, "val_loss": val_loss}
+        return {"val/loss": val_loss, "val/min_loss": min(losses), "val/subphase": phase, "val/is_best": is_best}
+
+    # ------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        path = save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, self.scheduler,
+                               {**self.state, "data_position": self.step * self.cfg.global_batch_size})
+        best = self.state["best"]
+        protect = {f"step_{best['step']:08d}"} if best else set()
+        prune_checkpoints(self.ckpt_root, self.cfg.keep_checkpoints, protect)
+        return path
+
+    def maybe_resume(self) -> None:
+        path = latest_checkpoint(self.ckpt_root)
+        if path is None:
+            return
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        self.step = state.pop("step")
+        state.pop("data_position", None)
+        self.state.update(state)
+        log.info("resumed from %s (step %d, %.4f EFLOPs)", path, self.step, self.state["exaflops"])
+
+    # ------------------------------------------------------------ the loop
+    def fit(self, stop_after_step: int | None = None) -> dict[str, object]:
+        """Train to `sft.steps` (resuming if a checkpoint exists). `stop_after_step` simulates a crash."""
+        cfg, info = self.cfg, self.info
+        self.maybe_resume()
+        metrics = MetricsLogger(self.run_dir, tensorboard=self.job.run.tensorboard, enabled=info.is_main)
+        bar = progress(cfg.steps, "sft", initial=self.step, enabled=info.is_main and self.job.run.progress)
+        window_t, window_tokens = time.perf_counter(), 0
+        try:
+            while self.step < cfg.steps:
+                out = self.train_step()
+                window_tokens += out["train/tokens"]
+                last = self.step == cfg.steps
+                record: dict[str, object] = {}
+                if self.step % self.job.run.log_every == 0 or last:
+                    dt = time.perf_counter() - window_t
+                    tokens_per_s = window_tokens / dt
+                    flops_per_s = out["compute/step_flops"] * tokens_per_s / out["train/tokens"]
+                    record.update(out)
+                    record.update({
+                        "perf/tokens_per_s": tokens_per_s,
+                        "perf/mfu": flops_lib.mfu(flops_per_s, self.peak * info.world_size) if self.peak else None,
+                        "compute/exaflops": self.state["exaflops"],
+                        "data/epoch": self.step * cfg.global_batch_size / len(self.train)})
+                    window_t, window_tokens = time.perf_counter(), 0
+                if self.val and cfg.val_every and (self.step % cfg.val_every == 0 or last):
+                    record.update(self._record_validation())
+                    record.setdefault("compute/exaflops", self.state["exaflops"])
+                if record:
+                    logged = metrics.log(self.step, record)
+                    bar.set_postfix({k.split("/")[1]: f"{v:.4g}" for k, v in logged.items()
+                                     if k in ("train/loss", "val/loss") and v is not None})
+                bar.update(1)
+                best_now = record.get("val/is_best") and cfg.save_best
+                if last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or best_now:
+                    self.save()
+                if stop_after_step is not None and self.step >= stop_after_step:
+                    return {"stopped_at": self.step}
+        finally:
+            bar.close()
+            metrics.close()
+        summary = self.finish()
+        return summary
+
+    def finish(self) -> dict[str, object]:
+        summary = {"steps": self.step, "exaflops": self.state["exaflops"], "tokens": self.state["tokens"],
+                   "best": self.state["best"], "val_history": self.state["val_history"],
+                   "checkpoint": str(latest_checkpoint(self.ckpt_root))}
+        if self.cfg.export_hf:
+            export_hf(self.model, self.tokenizer, self.run_dir / "hf")
+            summary["hf_dir"] = str(self.run_dir / "hf")
+        if self.info.is_main:
+            (self.run_dir / "sft_summary.json").write_text(json.dumps(summary, indent=1))
+            best = self.state["best"]
+            log.info("SFT done: %d steps, %.4g EFLOPs; min val loss %s", self.step, self.state["exaflops"],
+                     f"{best['val_loss']:.4f} at step {best['step']}" if best else "n/a")
+        return summary
+
+
+def run_sft(job: SFTJobConfig, stop_after_step: int | None = None) -> dict[str, object]:
+    trainer = SFTTrainer(job)
+    return trainer.fit(stop_after_step)

@@ -1,0 +1,96 @@
+"""SFT sub-phase rules at their boundaries, online use on prefixes, and the loss/ceiling correlation."""
+
+import numpy as np
+import pytest
+
+from engine.analysis import (
+    best_a_post,
+    ceiling_correlation,
+    classify_subphases,
+    current_subphase,
+    subphase_spans,
+)
+
+# L_min = 1.0 below, so the bars are Stable <= 1.02, Mild < 1.10, Severe >= 1.10.
+
+
+def test_canonical_series():
+    losses = [2.0, 1.5, 1.1, 1.0, 1.01, 1.05, 1.2]
+    assert classify_subphases(losses) == ["Adaptive", "Adaptive", "Adaptive", "Stable", "Stable", "Mild", "Severe"]
+
+
+@pytest.mark.parametrize(
+    "last, phase",
+    [
+        (1.02, "Stable"),  # exactly (1 + d1) L_min is Stable
+        (1.0201, "Mild"),  # just above the Stable bar
+        (1.0999, "Mild"),  # just below the Severe bar
+        (1.10, "Severe"),  # exactly (1 + d2) L_min is Severe
+        (1.5, "Severe"),
+    ],
+)
+def test_boundaries_after_the_minimum(last, phase):
+    assert classify_subphases([1.3, 1.0, last])[-1] == phase
+
+
+def test_boundaries_before_the_minimum():
+    # Points before the first Stable point are Adaptive whatever their level.
+    assert classify_subphases([1.0201, 1.0]) == ["Adaptive", "Stable"]
+    assert classify_subphases([1.02, 1.0]) == ["Stable", "Stable"]
+
+
+def test_bump_between_stable_points_stays_stable():
+    assert classify_subphases([1.5, 1.0, 1.08, 1.01, 1.2]) == ["Adaptive", "Stable", "Stable", "Stable", "Severe"]
+
+
+def test_custom_deltas():
+    assert classify_subphases([1.0, 1.04, 1.06], d1=0.05, d2=0.06) == ["Stable", "Stable", "Severe"]
+
+
+def test_online_use_on_prefixes():
+    losses = [2.0, 1.5, 1.1, 1.0, 1.01, 1.05, 1.2]
+    online = [current_subphase(losses[: i + 1]) for i in range(len(losses))]
+    # Each new minimum is Stable when it arrives; degradation shows up once the minimum is behind us.
+    assert online == ["Stable", "Stable", "Stable", "Stable", "Stable", "Mild", "Severe"]
+
+
+def test_spans():
+    spans = subphase_spans([2.0, 1.5, 1.0, 1.01, 1.05, 1.2, 1.3])
+    assert [(s.phase, s.start, s.end) for s in spans] == [
+        ("Adaptive", 0, 1), ("Stable", 2, 3), ("Mild", 4, 4), ("Severe", 5, 6)]
+
+
+@pytest.mark.parametrize("bad", [[], [1.0, float("nan")], [1.0, 0.0], [[1.0, 2.0]]])
+def test_bad_losses_raise(bad):
+    with pytest.raises(ValueError):
+        classify_subphases(bad)
+
+
+def test_bad_deltas_raise():
+    with pytest.raises(ValueError, match="d1 < d2"):
+        classify_subphases([1.0], d1=0.1, d2=0.05)
+
+
+def test_correlation_on_synthetic_pairs():
+    rng = np.random.default_rng(0)
+    loss = np.linspace(0.3, 0.6, 8)
+    a_post = 90 - 40 * loss + rng.normal(0, 0.3, 8)
+    c = ceiling_correlation(list(zip(loss, a_post)))
+    assert c.n == 8 and c.r < -0.98 and c.p_value < 1e-4
+    assert ceiling_correlation([(0.1, 1), (0.2, 2), (0.3, 3)]).r == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("pairs", [[(0.1, 1), (0.2, 2)], [(0.1, 1), (0.1, 2), (0.1, 3)], [(0.1, 1), (0.2, float("nan")), (0.3, 2)]])
+def test_correlation_rejects_undefined_input(pairs):
+    with pytest.raises(ValueError):
+        ceiling_correlation(pairs)
+
+
+def test_best_a_post():
+    class R:
+        def __init__(self, v):
+            self.A_post = v
+
+    assert best_a_post([R(80.0), R(float("nan")), R(83.5)]) == 83.5
+    with pytest.raises(ValueError):
+        best_a_post([])
