@@ -25,10 +25,12 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
 from engine.distributed import barrier
+from engine.errors import CeilingError
 
 
 def _rank() -> int:
@@ -72,22 +74,34 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None) -> dict[str, Any]:
-    """Restore model (and optimizer, scheduler, RNG) in place; returns the trainer state."""
+    """Restore model, optimizer, scheduler and RNG in place (resume); returns the trainer state.
+
+    With `optimizer=None` only the model weights are loaded (e.g. RL starting from an SFT checkpoint),
+    and the RNG and scheduler are left alone.
+    """
     path = Path(path)
-    if optimizer is not None:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        to_load = {"model": model_sd, "optim": optim_sd}
-        dcp.load(to_load, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optim"])
-    else:
+    if not (path / ".metadata").is_file():
+        raise CeilingError(f"{path}: not a checkpoint directory (no .metadata)")
+    if optimizer is None:
         model_sd = get_model_state_dict(model)
         dcp.load({"model": model_sd}, checkpoint_id=str(path))
-        set_state_dict(model, [], model_state_dict=model_sd)
+        set_model_state_dict(model, model_sd)
+        return json.loads((path / "trainer_state.json").read_text())
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    to_load = {"model": model_sd, "optim": optim_sd}
+    dcp.load(to_load, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optim"])
     extra = torch.load(path / "extra.pt", weights_only=False)
     if scheduler is not None:
         scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["rng"])
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def full_hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """Full (unsharded) weights under HF names, on every rank: what a rollout engine loads (collective)."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {_hf_key(k): v for k, v in full.items()}
 
 
 def prune_checkpoints(ckpt_root: str | Path, keep_last: int, protect: set[str]) -> None:

@@ -4,6 +4,7 @@
     ceiling fit DATA.json --all --out runs/fit     # Plasticity-Ceiling fits (engine/analysis)
     ceiling flops sft --model-config configs/models/qwen2.5-7b.json --batch-size 512 --mean-seq-len 3771 --steps 360
     ceiling sft configs/tiny.yaml [--set sft.lr=3e-4]
+    ceiling rl configs/rl-tiny.yaml [--set rl.algorithm=luffy]
 
 Each capability module exposes `register(subparsers)`, which adds its parser and sets `func`. A
 `CeilingError` (bad config, bad data, bad flag) prints `error: ...` and exits with status 2.
@@ -19,8 +20,9 @@ from engine.errors import CeilingError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine import flops, sft
+    from engine import evaluate, flops, sft
     from engine.analysis import cli as analysis_cli
+    from engine.rl import cli as rl_cli
 
     parser = argparse.ArgumentParser(
         prog="ceiling",
@@ -28,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ceiling-engine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for register in (sft.register, flops.register, analysis_cli.register):
+    for register in (sft.register, rl_cli.register, evaluate.register, flops.register, analysis_cli.register):
         register(sub)
     return parser
 

@@ -254,7 +254,12 @@ class DataConfig:
     """Longer samples: cut the response tail, or drop; either way counted and logged."""
 
     def __post_init__(self):
-        if (self.synthetic is None) == (self.train_path is None):
-            raise ValueError("data: set exactly one of `synthetic` or `train_path`")
+        if self.synthetic is not None and self.train_path is not None:
+            raise ValueError("data: set only one of `synthetic` or `train_path`")
+        for name in ("train_path", "val_path"):
+            if getattr(self, name) == "":
+                raise ValueError(f"data.{name} must be a path or null, got ''")
         if self.max_seq_len < 2:
             raise ValueError(f"data.max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.overlong not in ("truncate", "drop"):
+            raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {self.overlong!r}")

@@ -56,7 +56,8 @@ def _torch_loss_path_and_cleanup(monkeypatch):
 
 
 def test_sft_learns_and_writes_run_dir(tmp_path):
-    summary = run_sft(job(tmp_path, steps=30, val_every=10, checkpoint_every=10, export_hf=True, lr=5e-3))
+    trainer = SFTTrainer(job(tmp_path, steps=30, val_every=10, checkpoint_every=10, export_hf=True, lr=5e-3))
+    summary = trainer.fit()
     run_dir = tmp_path / "runs" / "t"
     assert (run_dir / "config.yaml").is_file() and (run_dir / "data" / "train.jsonl").is_file()
     records = read_metrics(run_dir / "metrics.jsonl")
@@ -70,14 +71,24 @@ def test_sft_learns_and_writes_run_dir(tmp_path):
     assert train[-1]["compute/exaflops"] > train[0]["compute/exaflops"] > 0
     assert summary["best"]["step"] == 30
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000030"
-    # HF export loads in plain transformers and matches the trained model's loss on a sample
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    assert json.loads((run_dir / "sft_summary.json").read_text())["steps"] == 30
+
+    # HF export round-trip: plain transformers loads it and gives the trained model's logits
+    from transformers import AutoModelForCausalLM
+
+    from engine.data.tokenizer import load_tokenizer
 
     hf = AutoModelForCausalLM.from_pretrained(run_dir / "hf")
-    tok = AutoTokenizer.from_pretrained(run_dir / "hf")
-    ids = tok("12+3=15", return_tensors="pt").input_ids
-    assert torch.isfinite(hf(ids, labels=ids).loss)
-    assert json.loads((run_dir / "sft_summary.json").read_text())["steps"] == 30
+    tok = load_tokenizer(run_dir / "hf")
+    text = "Tom has 3 pens, buys 4 more."
+    assert tok(text).input_ids == build_char_tokenizer()(text).input_ids  # whitespace survives the round trip
+    ids = torch.tensor(tok.apply_chat_template([{"role": "user", "content": text}],
+                                               add_generation_prompt=True, tokenize=True, return_dict=False))
+    with torch.no_grad():
+        exported = hf(ids[None]).logits[0]
+        trained = trainer.model(ids, torch.arange(len(ids)), torch.tensor([0, len(ids)], dtype=torch.int32),
+                                len(ids), lambda h, w: h @ w.T)
+    torch.testing.assert_close(exported, trained, atol=1e-4, rtol=1e-4)
 
 
 def test_resume_is_exact(tmp_path):

@@ -9,7 +9,6 @@ import pytest
 
 from engine.data.sft_dataset import (
     DatasetStats,
-    SFTDataConfig,
     SFTRow,
     iter_sft_rows,
     load_prompt_rows,
@@ -189,8 +188,11 @@ def test_synthetic_task_end_to_end(tok, tmp_path):
         (dict(train_path="a", max_seq_len=1), "max_seq_len"),
         (dict(train_path="a", overlong="cut"), "overlong"),
         (dict(train_path="a", val_path=""), "val_path"),
+        (dict(train_path="a", synthetic=SyntheticTaskConfig()), "only one"),
     ],
 )
 def test_config_validation(kwargs, field):
+    from engine.config import DataConfig
+
     with pytest.raises(ValueError, match=field):
-        SFTDataConfig(**kwargs)
+        DataConfig(**kwargs)

@@ -3,12 +3,18 @@
     ceiling fit DATA.json --branch STEP [--train-start S] [--train-points K] [--outlier-threshold T]
                           [--lts-alpha A] [--free-c0] [--json OUT] [--out DIR]
     ceiling fit DATA.json --all [--out DIR] [same fit options] [--json OUT]
+    ceiling fit DATA.json --early-stop [--tol T] [--patience K] [--min-points M] [--out DIR]
+                          [--outlier-threshold T] [--lts-alpha A] [--free-c0] [--json OUT]
 
 --branch prints a one-line summary (warnings go to stderr) and, with --json, writes the result object
 (P_sft, PL_rl, A_post, C_mid, B, C0, r2_train, rmse_val, r2_val, n_train, n_val, n_outliers, ...);
 with --out it also draws branch.png. --all prints the Table-4-like table and writes table.md/.csv/.json,
 branches.png and a_post.png under --out (default: fit-<scene>). Exit status 0, or 1 when some branch of
---all could not be fitted; bad input raises `CeilingError` (the main CLI prints it and exits 2).
+--all could not be fitted. --early-stop replays every branch through `early_stop.OnlineCeilingMonitor`
+(refit after each evaluation, stop once the last K predicted A_post agree within T points), prints the
+table (points and EFLOPs used, compute saved, A_post at the stop vs. the full fit, |error|) and writes
+early_stop.md/.json and early_stop.png under --out (default: fit-<scene>); exit 1 when some branch's full
+fit failed. Bad input raises `CeilingError` (the main CLI prints it and exits 2).
 
 Without the main CLI: `python -m engine.analysis.cli fit DATA.json --all`.
 """
@@ -21,8 +27,19 @@ import sys
 from pathlib import Path
 
 from engine.analysis.data import load_scene
+from engine.analysis.early_stop import EarlyStopConfig, replay_scene
 from engine.analysis.fit import FitConfig, FitResult, fit_branch, fit_scene
-from engine.analysis.report import Row, markdown_table, plot_a_post, plot_branches, rows_from, write_tables
+from engine.analysis.report import (
+    Row,
+    early_stop_markdown,
+    markdown_table,
+    plot_a_post,
+    plot_branches,
+    plot_early_stop,
+    rows_from,
+    write_early_stop_tables,
+    write_tables,
+)
 from engine.errors import CeilingError
 
 
@@ -34,6 +51,16 @@ def register(subparsers) -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--branch", type=int, metavar="STEP", help="SFT step of the branch (0: pure RL)")
     which.add_argument("--all", action="store_true", help="fit every branch and write the table and figures")
+    which.add_argument("--early-stop", action="store_true",
+                       help="replay every branch, refitting after each evaluation, and report when it could "
+                            "have stopped (compute saved, A_post error)")
+    stop = EarlyStopConfig()
+    p.add_argument("--tol", type=float, default=stop.tol, metavar="T",
+                   help=f"--early-stop: largest spread of the last K predicted A_post (points, default {stop.tol})")
+    p.add_argument("--patience", type=int, default=stop.patience, metavar="K",
+                   help=f"--early-stop: consecutive refits that must agree (default {stop.patience})")
+    p.add_argument("--min-points", type=int, default=stop.min_points, metavar="M",
+                   help=f"--early-stop: points, anchor included, before the first refit (default {stop.min_points})")
     p.add_argument("--train-start", type=int, default=0, metavar="S", help="first train point index (default 0)")
     p.add_argument("--train-points", type=int, default=None, metavar="K",
                    help="number of train points (default: 85%% of the points from S)")
@@ -77,6 +104,8 @@ def main(args) -> int:
     name = args.data.name
     if args.all:
         return _main_all(args, scene, config, name)
+    if args.early_stop:
+        return _main_early_stop(args, scene, config)
     res = fit_branch(scene.branch(args.branch), config)
     print(summary_line(name, args.branch, res))
     for w in res.warnings:
@@ -105,6 +134,27 @@ def _main_all(args, scene, config: FitConfig, name: str) -> int:
         _write_json(args.json, [r.to_dict() for r in rows])
     print("wrote " + ", ".join(str(p) for p in [*paths.values(), *figs]))
     return 1 if any(r.fit is None for r in rows) else 0
+
+
+def _main_early_stop(args, scene, config: FitConfig) -> int:
+    if args.train_start != 0 or args.train_points is not None:
+        raise CeilingError("--early-stop fits all the points seen so far: --train-start and --train-points "
+                           "do not apply (the full-branch reference uses the default split)")
+    stop = EarlyStopConfig(tol=args.tol, patience=args.patience, min_points=args.min_points)
+    results = replay_scene(scene, stop, config)
+    title = (f"{scene.name}: early stop (tol {stop.tol:g}, patience {stop.patience}, min points "
+             f"{stop.min_points}; {'LTS alpha=' + str(config.lts_alpha) if config.lts_alpha else 'plain'} fits)")
+    out = args.out or Path(f"fit-{scene.name}")
+    try:
+        paths = write_early_stop_tables(results, out, title)
+        fig = plot_early_stop(results, out / "early_stop.png", scene.name)
+    except OSError as e:
+        raise CeilingError(f"{out}: cannot write: {e.strerror or e}") from None
+    print(early_stop_markdown(results, title), end="")
+    if args.json:
+        _write_json(args.json, [r.to_dict() for r in results])
+    print("wrote " + ", ".join(str(p) for p in [*paths.values(), fig]))
+    return 1 if any(r.reference is None for r in results) else 0
 
 
 def _standalone(argv: list[str] | None = None) -> int:

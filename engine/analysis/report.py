@@ -9,6 +9,8 @@ Figures (matplotlib, drawn on `Figure` objects with the Agg canvas, so no global
     branches.png  one panel per branch: train points, held-out points, flagged outliers, points trimmed by
                   LTS, unused points (before --train-start), and the fitted curve with its asymptote A
     a_post.png    A_post stacked as P_sft + PL_rl per SFT checkpoint, in order of SFT compute
+    early_stop.png  per branch, the A_post predicted after each evaluation, the stop and the full-fit A_post
+                  (with early_stop.md/.json from `early_stop.replay_scene`; see `ceiling fit --early-stop`)
 """
 
 from __future__ import annotations
@@ -205,6 +207,116 @@ def plot_a_post(rows: list[Row], path: Path, scene_name: str) -> Path:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(f"{scene_name}: ceiling A_post = P_sft + PL_rl", fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# ---- early stopping (engine.analysis.early_stop) ------------------------------------------------------
+
+EARLY_STOP_COLUMNS = ("SFT step", "points used/total", "EFLOPs used/total", "compute saved", "A_post at stop",
+                      "A_post full", "abs. error", "last observed")
+
+
+def early_stop_markdown(results: list, title: str | None = None) -> str:
+    """The early-stop table of `early_stop.replay_scene` output, a summary line and why branches ran on."""
+    lines = [f"### {title}", ""] if title else []
+    lines.append("| " + " | ".join(EARLY_STOP_COLUMNS) + " |")
+    lines.append("|" + "|".join(" ---: " for _ in EARLY_STOP_COLUMNS) + "|")
+    for r in results:
+        cells = [str(r.sft_step), f"{r.points_used}/{r.n_total}", f"{r.x_stop:.1f}/{r.x_total:.1f}",
+                 f"{100 * r.saved:.1f}%", _num(r.a_post_stop), _num(r.a_post_full), _num(r.error),
+                 _num(r.last_observed)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", early_stop_summary(results)]
+    notes = [f"- step {r.sft_step}: {r.why_not_stopped()}" for r in results if not r.stopped]
+    notes += [f"- step {r.sft_step}: reference fit failed: {r.reference_error}" for r in results
+              if r.reference_error]
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def early_stop_summary(results: list) -> str:
+    """One line: branches stopped, compute saved over the scene, error of the stopped ones."""
+    stopped = [r for r in results if r.stopped]
+    total = sum(r.x_total for r in results)
+    saved = 1.0 - sum(r.x_stop for r in results) / total if total > 0 else 0.0
+    errors = [r.error for r in stopped if r.error is not None]
+    err = (f"|error| median {float(np.median(errors)):.2f}, max {max(errors):.2f} points" if errors
+           else "no error to report")
+    return (f"Stopped {len(stopped)} of {len(results)} branches early; {100 * saved:.1f}% of the scene's RL "
+            f"EFLOPs saved; {err} (A_post at the stop vs. the full-branch fit).")
+
+
+def write_early_stop_tables(results: list, out_dir: Path, title: str) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out_dir / "early_stop.md", "json": out_dir / "early_stop.json"}
+    paths["md"].write_text(early_stop_markdown(results, title))
+    paths["json"].write_text(json.dumps([r.to_dict() for r in results], indent=2, allow_nan=False) + "\n")
+    return paths
+
+
+def plot_early_stop(results: list, path: Path, scene_name: str) -> Path:
+    """One panel per branch: the predicted A_post after each evaluation vs. RL EFLOPs, the observed
+    performance, the stop (star and dashed line) and the full-branch A_post (horizontal line).
+
+    The y range follows the observed performance (its lowest 5% left out) and the full-fit ceiling; a
+    prediction outside it is drawn as a triangle on the edge, so one wild early refit or a collapse does not
+    flatten the panel.
+    """
+    from matplotlib.figure import Figure
+
+    ncols = min(4, max(1, len(results)))
+    nrows = max(1, math.ceil(len(results) / ncols))
+    fig = Figure(figsize=(3.4 * ncols, 2.6 * nrows + 0.7), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax, r in zip(axes.flat, results):
+        xs = np.array([t.x for t in r.trajectory])
+        preds = np.array([np.nan if t.a_post is None else t.a_post for t in r.trajectory])
+        observed = r.p_sft + r.y
+        ref = [r.a_post_full] if r.a_post_full is not None and math.isfinite(r.a_post_full) else []
+        # A collapse (gain -50) would flatten the panel: the range ignores the lowest 5% of the observations.
+        lo = min(float(np.percentile(observed, 5)), *ref, r.p_sft) - 1.5
+        hi = max(float(observed.max()), *ref, r.p_sft) + 1.5
+        ax.plot(r.x, observed, ".", color="0.65", ms=3, label="observed", zorder=1)
+        ok = np.isfinite(preds)
+        inside = ok & (preds >= lo) & (preds <= hi)
+        ax.plot(xs[ok], np.clip(preds[ok], lo, hi), color="tab:blue", lw=1.0, zorder=2)
+        ax.plot(xs[inside], preds[inside], "o", color="tab:blue", ms=2.5, label="predicted A_post", zorder=3)
+        for side, mask, marker in (("above", ok & (preds > hi), "^"), ("below", ok & (preds < lo), "v")):
+            if mask.any():
+                ax.plot(xs[mask], np.full(mask.sum(), hi if side == "above" else lo), marker, color="tab:blue",
+                        ms=4, label="off scale", zorder=3)
+        if ref:
+            ax.axhline(ref[0], color="k", ls="-", lw=0.9, label="A_post full fit", zorder=1)
+        if r.stopped:
+            ax.axvline(r.x_stop, color="tab:red", ls="--", lw=0.9, zorder=1)
+            ax.plot([r.x_stop], [min(max(r.a_post_stop, lo), hi)], "*", color="tab:red", ms=10,
+                    label="stop", zorder=4)
+            head = (f"stop {r.points_used}/{r.n_total} pts, saved {100 * r.saved:.0f}%, "
+                    f"|err| {_num(r.error)}")
+        else:
+            head = f"never stable ({r.n_total} pts)"
+        pad = 0.04 * (hi - lo)  # room for the off-scale triangles drawn on the edges
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_xlim(0, r.x_total * 1.03)
+        ax.set_title(f"SFT step {r.sft_step}: {head}", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(results):]:
+        ax.set_visible(False)
+    handles: dict = {}
+    for ax in axes.flat[: len(results)]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=len(handles),
+                   fontsize=8)
+    cfg = results[0].config if results else None
+    rule = f" (tol {cfg.tol:g}, patience {cfg.patience}, min points {cfg.min_points})" if cfg else ""
+    fig.suptitle(f"{scene_name}: predicted A_post (%) vs. RL EFLOPs, refit after each evaluation{rule}",
+                 fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path

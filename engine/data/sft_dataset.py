@@ -39,40 +39,6 @@ CHUNK_ROWS = 2048  # rows tokenized per batch call
 
 
 @dataclass
-class SFTDataConfig:
-    """Where the SFT data lives and how it becomes token sequences."""
-
-    train_path: str = ""
-    """JSONL or Parquet file of training rows."""
-    val_path: str | None = None
-    """Optional held-out file for the validation loss (same format)."""
-    max_seq_len: int = 2048
-    """Longest sample in tokens (prompt + response)."""
-    overlong: Literal["truncate", "drop"] = "truncate"
-    """What to do with longer samples: 'truncate' (cut the response tail) or 'drop'."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.train_path, (str, Path)) or not str(self.train_path):
-            raise ValueError(f"SFTDataConfig.train_path must be a non-empty path, got {self.train_path!r}")
-        if self.val_path is not None and (
-            not isinstance(self.val_path, (str, Path)) or not str(self.val_path)
-        ):
-            raise ValueError(
-                f"SFTDataConfig.val_path must be a non-empty path or None, got {self.val_path!r}"
-            )
-        if (
-            not isinstance(self.max_seq_len, int)
-            or isinstance(self.max_seq_len, bool)
-            or self.max_seq_len < 2
-        ):
-            raise ValueError(f"SFTDataConfig.max_seq_len must be an integer >= 2, got {self.max_seq_len!r}")
-        if self.overlong not in OVERLONG_POLICIES:
-            raise ValueError(
-                f"SFTDataConfig.overlong must be one of {OVERLONG_POLICIES}, got {self.overlong!r}"
-            )
-
-
-@dataclass
 class SFTRow:
     """One validated row: prompt messages, the expert trajectory, the reference answer (or None)."""
 

@@ -21,6 +21,8 @@ with `local_files_only=True` (nothing is ever downloaded).
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -82,6 +84,13 @@ def load_tokenizer(path_or_name: str | Path) -> PreTrainedTokenizerBase:
     if not path.is_dir():
         raise CeilingError(f"tokenizer: {path} is not a local directory (and not the name 'char')")
     try:
+        # A tokenizer saved as a plain `tokenizers` backend (the char tokenizer exported with a model) must
+        # load as that: AutoTokenizer would follow config.json's model_type to e.g. Qwen2Tokenizer, whose
+        # pre-tokenizer rewrites the text (it drops whitespace of the character vocabulary).
+        config_file = path / "tokenizer_config.json"
+        saved_class = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+        if saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise CeilingError(f"tokenizer: cannot load {path}: {exc}") from exc

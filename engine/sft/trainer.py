@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -44,11 +43,11 @@ from engine.data.packing import IGNORE_INDEX, PackedBatch, collate_packed, pack_
 from engine.data.sft_dataset import SFTSample, load_sft_file
 from engine.data.synthetic import write_task
 from engine.data.tokenizer import load_tokenizer
-from engine.distributed import DistInfo, all_reduce_sum, apply_fsdp, barrier, compute_dtype, init_distributed
+from engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from engine.errors import CeilingError
 from engine.losses import linear_cross_entropy
 from engine.metrics import MetricsLogger, make_run_dir, progress
-from engine.models import PackedCausalLM, build_model, set_attention_backend
+from engine.training import DataOrder, build_optimizer, build_policy, guarded_step
 
 log = logging.getLogger("ceiling")
 
@@ -113,40 +112,11 @@ class SFTJobConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
 
 
-class NonFiniteError(RuntimeError):
-    """A NaN/inf loss or gradient; the message names the step and the sample ids."""
-
-
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress_frac = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_frac)))
-
-
-class DataOrder:
-    """A seeded stream of sample indices: epoch e is a fixed permutation; step s reads a fixed slice."""
-
-    def __init__(self, num_samples: int, seed: int):
-        self.num_samples, self.seed = num_samples, seed
-        self._epoch, self._perm = -1, None
-
-    def _permutation(self, epoch: int) -> list[int]:
-        if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.num_samples, generator=gen).tolist()
-        return self._perm
-
-    def batch(self, step: int, batch_size: int) -> list[int]:
-        out = []
-        for pos in range(step * batch_size, (step + 1) * batch_size):
-            out.append(self._permutation(pos // self.num_samples)[pos % self.num_samples])
-        return out
-
-
 def load_data(job: SFTJobConfig, tokenizer, run_dir: Path, info: DistInfo):
     """Tokenized train and validation samples (the synthetic task is first written to `<run>/data/`)."""
     data = job.data
+    if data.synthetic is None and data.train_path is None:
+        raise CeilingError("data: SFT needs `synthetic` or `train_path`")
     train_path, val_path = data.train_path, data.val_path
     if data.synthetic is not None:
         out = run_dir / "data"
@@ -170,7 +140,6 @@ class SFTTrainer:
     def __init__(self, job: SFTJobConfig):
         self.job, self.cfg = job, job.sft
         self.info = init_distributed(job.run.device)
-        set_attention_backend(job.model.attention)
         self.run_dir = make_run_dir(job.run.output_dir, job.run.name, job if self.info.is_main else None)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.tokenizer = load_tokenizer(job.model.tokenizer)
@@ -182,17 +151,8 @@ class SFTTrainer:
         if too_long > self.cfg.micro_batch_tokens:
             raise CeilingError(f"sft.micro_batch_tokens={self.cfg.micro_batch_tokens} is below the longest "
                                f"sample ({too_long} tokens); raise it or lower data.max_seq_len")
-        hf = build_model(path=job.model.path, config=job.model.config, dtype=torch.float32, seed=job.run.seed)
-        self.model_config = hf.config
-        self.model = PackedCausalLM(hf)
-        self.dtype = compute_dtype(self.info.device, job.model.dtype)
-        apply_fsdp(self.model, self.model.layers, param_dtype=self.dtype, device=self.info.device,
-                   activation_checkpointing=job.model.activation_checkpointing)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, betas=self.cfg.betas,
-                                           eps=self.cfg.eps, weight_decay=self.cfg.weight_decay,
-                                           foreach=True)  # one kernel per op for all (D)Tensors
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
-            warmup_cosine, warmup=self.cfg.warmup_steps, total=self.cfg.steps, min_ratio=self.cfg.min_lr_ratio))
+        self.model, self.model_config = build_policy(job.model, job.run.seed, self.info)
+        self.optimizer, self.scheduler = build_optimizer(self.model, self.cfg, self.cfg.steps)
         self.order = DataOrder(len(self.train), job.run.seed)
         self.step = 0
         self.state = {"val_history": [], "best": None, "exaflops": 0.0, "tokens": 0}
@@ -227,24 +187,8 @@ class SFTTrainer:
             (loss * scale).backward()
             mb_losses.append((mb_ids, loss.detach()))
             loss_sum += loss.detach()
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        all_reduce_sum(loss_sum)
-        # The NaN guard: one host sync per optimizer step, before the update can spoil the weights.
-        if not (torch.isfinite(loss_sum) & torch.isfinite(grad_norm)).item():
-            bad = [mb for mb, loss in mb_losses if not torch.isfinite(loss).item()]
-            raise NonFiniteError(
-                f"non-finite {'loss' if bad else 'gradient norm'} at step {self.step + 1}: "
-                f"loss_sum={loss_sum.item()}, grad_norm={grad_norm.item()}, "
-                f"sample ids of bad micro-batches on rank {self.info.rank}: {bad or 'none (loss finite here)'}; "
-                f"the last good checkpoint is {latest_checkpoint(self.ckpt_root)}"
-            )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        grad_norm, lr = guarded_step(self.model, self.optimizer, self.scheduler, self.cfg.grad_clip, loss_sum,
+                                     mb_losses, self.step + 1, self.ckpt_root, self.info.rank)
         self.step += 1
         tokens = sum(lengths)
         step_flops = flops_lib.sft_step_flops(self.model_config, tokens, tokens / len(ids))

@@ -1,0 +1,29 @@
+"""`ceiling rl CONFIG [--set section.key=value ...]`: RL with verifiable rewards (engine/rl/trainer.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("rl", help="RL with verifiable rewards: GRPO, DAPO, LUFFY, SRFT, UPT",
+                              description=__doc__)
+    p.add_argument("config", help="YAML run config (see configs/rl-tiny.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set rl.algorithm=luffy (repeatable)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from engine.config import load_config
+    from engine.distributed import destroy_distributed
+    from engine.metrics import setup_logging
+    from engine.rl.trainer import RLJobConfig, run_rl
+
+    setup_logging()
+    job = load_config(args.config, RLJobConfig, args.overrides)
+    try:
+        run_rl(job)
+    finally:
+        destroy_distributed()
+    return 0

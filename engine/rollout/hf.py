@@ -1,0 +1,148 @@
+"""Rollout through transformers `generate`: the backend for CPU, tests and machines without vLLM.
+
+    rollout = HFRollout(model, tokenizer, batch_size=16)
+    outs = rollout.generate(prompt_ids, SamplingParams(temperature=1.0, top_p=1.0, n=8, max_new_tokens=512))
+
+How: the n copies of every prompt are generated in rows of `batch_size` with a KV cache, left padding
+(so every row's next token sits in the last column), `do_sample=True` with temperature / top_p (top_k, repetition
+penalty and every other logits processor off, whatever the checkpoint's generation_config.json says), or greedy at temperature 0. Generation stops at the end-of-turn token
+(`<|im_end|>` / `<|eot_id|>`) and the tokenizer's eos. Per-token logprobs come from `output_logits` (raw
+logits of each step): log_softmax(logits / T)[token], see `engine.rollout.base` for the exact definition.
+
+Seeding: `params.seed` seeds a forked RNG for the call (the global RNG is left untouched), so the same
+prompts, params and batch_size give the same samples. Without a seed the global RNG is used.
+
+Attention: the training model may use a packed-sequence attention ("ceiling_packed", which needs
+cu_seqlens that `generate` does not pass); `generation_mode(model)` switches the config to "sdpa", eval mode
+`use_cache=True` and a blank generation_config for the call and restores them afterwards. The model may be an HF
+`PreTrainedModel` or an `engine.models.build.PackedCausalLM` wrapper (its `.hf` is used).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from engine.data.tokenizer import end_of_turn_id
+from engine.rollout.base import Rollout, RolloutOutput, SamplingParams
+
+__all__ = ["HFRollout", "generation_mode"]
+
+
+@contextlib.contextmanager
+def generation_mode(model: PreTrainedModel, attn_implementation: str = "sdpa") -> Iterator[PreTrainedModel]:
+    """Temporarily: eval mode, `use_cache=True`, an attention implementation `generate` can drive, and a
+    blank `generation_config` (a checkpoint's generation_config.json, e.g. Qwen's top_k=20 and
+    repetition_penalty=1.05, would otherwise fill every sampling field the call leaves unset)."""
+    config = model.config
+    old_attn, old_cache, was_training = config._attn_implementation, config.use_cache, model.training
+    old_gen = model.generation_config
+    try:
+        config._attn_implementation = attn_implementation  # the setter recurses into sub-configs
+        config.use_cache = True
+        model.generation_config = GenerationConfig()
+        model.eval()
+        yield model
+    finally:
+        config._attn_implementation = old_attn
+        config.use_cache = old_cache
+        model.generation_config = old_gen
+        model.train(was_training)
+
+
+class HFRollout(Rollout):
+    """`Rollout` over an in-memory transformers model (it shares the trainer's weights: nothing to sync)."""
+
+    def __init__(self, model, tokenizer: PreTrainedTokenizerBase, device: torch.device | str | None = None,
+                 batch_size: int = 16):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model: PreTrainedModel = getattr(model, "hf", model)
+        self.tokenizer = tokenizer
+        self.device = torch.device(device) if device is not None else next(self.model.parameters()).device
+        self.batch_size = batch_size
+        stops = [end_of_turn_id(tokenizer)]
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
+            stops.append(int(tokenizer.eos_token_id))
+        self.stop_ids = stops
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else stops[0]
+
+    def sync_weights(self, state_dict_or_model=None) -> None:
+        """Load new weights when generation runs on a separate copy (a state dict under HF names);
+        a no-op when the rollout shares the training model (None)."""
+        if isinstance(state_dict_or_model, dict):
+            self.model.load_state_dict(state_dict_or_model, strict=True)
+
+    def sleep(self) -> None:
+        """No-op: nothing is held beyond the training model (the KV cache lives only inside a call)."""
+
+    def wake(self) -> None:
+        """No-op, see `sleep`."""
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[RolloutOutput]]:
+        for i, p in enumerate(prompt_ids):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty")
+        rows = [list(p) for p in prompt_ids for _ in range(params.n)]
+        flat: list[RolloutOutput] = []
+        rng = contextlib.nullcontext()
+        if params.seed is not None:
+            devices = [self.device] if self.device.type == "cuda" else []
+            rng = torch.random.fork_rng(devices=devices, device_type=self.device.type)
+        with rng, generation_mode(self.model), torch.no_grad():
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            for start in range(0, len(rows), self.batch_size):
+                flat.extend(self._generate_rows(rows[start:start + self.batch_size], params))
+        return [flat[i * params.n:(i + 1) * params.n] for i in range(len(prompt_ids))]
+
+    def _generation_config(self, params: SamplingParams) -> GenerationConfig:
+        sample = not params.greedy
+        return GenerationConfig(
+            do_sample=sample,
+            temperature=params.temperature if sample else None,
+            top_p=params.top_p if sample and params.top_p < 1 else None,
+            top_k=None,
+            max_new_tokens=params.max_new_tokens,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.pad_id,
+            use_cache=True,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+
+    def _generate_rows(self, rows: list[list[int]], params: SamplingParams) -> list[RolloutOutput]:
+        width = max(len(r) for r in rows)
+        ids_BL = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attn_BL = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, r in enumerate(rows):  # left padding
+            ids_BL[b, width - len(r):] = torch.tensor(r)
+            attn_BL[b, width - len(r):] = 1
+        out = self.model.generate(input_ids=ids_BL.to(self.device), attention_mask=attn_BL.to(self.device),
+                                  generation_config=self._generation_config(params))
+        new_BN = out.sequences[:, width:].cpu()
+        temp = params.temperature if not params.greedy else 1.0
+        logits_BNV = torch.stack(out.logits, dim=1).float()  # [B, N, V] raw logits per generated step
+        logp_BN = torch.log_softmax(logits_BNV / temp, dim=-1).gather(2, new_BN.to(logits_BNV.device)[..., None])
+        logp_BN = logp_BN[..., 0].cpu()
+        stop = torch.tensor(self.stop_ids)
+        results = []
+        for b, r in enumerate(rows):
+            toks, lps = new_BN[b], logp_BN[b]
+            hits = torch.isin(toks, stop).nonzero()
+            if len(hits):
+                end = int(hits[0])
+                results.append(self._output(r, toks[:end], lps[:end], "stop", int(toks[end]), float(lps[end])))
+            else:
+                results.append(self._output(r, toks, lps, "length", None, None))
+        return results
+
+    def _output(self, prompt, toks, lps, reason, stop_id, stop_lp) -> RolloutOutput:
+        token_ids = toks.tolist()
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True) if token_ids else ""
+        return RolloutOutput(prompt_ids=list(prompt), token_ids=token_ids, text=text, finish_reason=reason,
+                             logprobs=lps.tolist(), stop_token_id=stop_id, stop_logprob=stop_lp)

@@ -1,0 +1,164 @@
+"""HFRollout on a tiny random Qwen2 with the char tokenizer (CPU)."""
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from engine.data.tokenizer import build_char_tokenizer, end_of_turn_id
+from engine.models.attention import PACKED_ATTENTION
+from engine.rollout.base import RolloutOutput, SamplingParams
+from engine.rollout.hf import HFRollout
+from engine.rollout.vllm import VLLMRollout, vllm_available
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    cfg = Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, vocab_size=len(tok), initializer_range=0.2)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        m = Qwen2ForCausalLM(cfg)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(tok):
+    msgs = ["What is 2+3?", "Hi", "Compute 12*7 step by step."]
+    return [tok.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True)["input_ids"]
+            for m in msgs]
+
+
+@pytest.fixture
+def force_logit(model):
+    """Context: add `value` to the logits of `token_ids` (a forward hook on the LM head)."""
+    handles = []
+
+    def apply(token_ids, value):
+        def hook(module, inputs, out):
+            out = out.clone()
+            out[..., token_ids] += value
+            return out
+        handles.append(model.lm_head.register_forward_hook(hook))
+
+    yield apply
+    for h in handles:
+        h.remove()
+
+
+def teacher_forced_logp(model, prompt, tokens, temperature=1.0):
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()
+    lp = torch.log_softmax(logits[len(prompt) - 1:-1] / temperature, -1)
+    return lp.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+def test_shapes_and_length_finish(model, tok, prompts, force_logit):
+    force_logit(HFRollout(model, tok).stop_ids, -1e4)  # never stop
+    outs = HFRollout(model, tok, batch_size=4).generate(prompts, SamplingParams(max_new_tokens=6, n=3, seed=0))
+    assert [len(o) for o in outs] == [3, 3, 3]
+    for p, group in zip(prompts, outs):
+        for o in group:
+            assert isinstance(o, RolloutOutput) and o.prompt_ids == p
+            assert len(o.token_ids) == 6 and len(o.logprobs) == 6
+            assert o.finish_reason == "length" and o.stop_token_id is None
+            assert o.text == tok.decode(o.token_ids, skip_special_tokens=True) and o.response_ids() == o.token_ids
+
+
+def test_seed_determinism_and_global_rng(model, tok, prompts):
+    r = HFRollout(model, tok, batch_size=4)
+    params = SamplingParams(temperature=1.0, max_new_tokens=6, n=2, seed=123)
+    state = torch.get_rng_state()
+    a = r.generate(prompts[:2], params)
+    assert torch.equal(state, torch.get_rng_state())  # seeded calls leave the global RNG alone
+    b = r.generate(prompts[:2], params)
+    c = r.generate(prompts[:2], SamplingParams(temperature=1.0, max_new_tokens=6, n=2, seed=124))
+    ids = lambda outs: [o.token_ids for g in outs for o in g]
+    assert ids(a) == ids(b)
+    assert ids(a) != ids(c)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_match_teacher_forcing(model, tok, prompts, temperature):
+    outs = HFRollout(model, tok, batch_size=6).generate(
+        prompts, SamplingParams(temperature=temperature, max_new_tokens=10, n=2, seed=7))
+    for p, group in zip(prompts, outs):
+        for o in group:
+            toks, lps = o.response_ids(), o.response_logprobs()
+            ref = teacher_forced_logp(model, p, toks, temperature)
+            torch.testing.assert_close(torch.tensor(lps), ref, atol=1e-4, rtol=0)
+
+
+def test_greedy_batched_equals_one_by_one(model, tok, prompts):
+    batched = HFRollout(model, tok, batch_size=6).generate(prompts, SamplingParams(temperature=0, max_new_tokens=8, n=2))
+    single = HFRollout(model, tok, batch_size=1).generate(prompts, SamplingParams(temperature=0, max_new_tokens=8))
+    for gb, (os_,) in zip(batched, single):
+        assert len(os_.token_ids) > 0
+        for ob in gb:  # greedy: the n samples agree, and left padding changes nothing
+            assert ob.token_ids == os_.token_ids and ob.finish_reason == os_.finish_reason
+            torch.testing.assert_close(torch.tensor(ob.logprobs), torch.tensor(os_.logprobs), atol=1e-4, rtol=0)
+
+
+def test_empty_inputs_and_immediate_stop(model, tok, prompts, force_logit):
+    r = HFRollout(model, tok)
+    assert r.generate([], SamplingParams(n=4)) == []
+    eot = end_of_turn_id(tok)
+    force_logit([eot], 1e4)
+    outs = r.generate(prompts[:2], SamplingParams(max_new_tokens=5, n=2, seed=0))
+    for o in (o for g in outs for o in g):
+        assert o.token_ids == [] and o.text == "" and o.logprobs == []
+        assert o.finish_reason == "stop" and o.stop_token_id == eot and o.response_ids() == [eot]
+        assert o.response_logprobs() == [pytest.approx(0.0, abs=1e-4)]
+    with pytest.raises(ValueError, match="empty"):
+        r.generate([[]], SamplingParams())
+
+
+def test_top_p_and_packed_attention_restored(model, tok, prompts):
+    model.config._attn_implementation = PACKED_ATTENTION  # as a training model built by engine.models
+    model.config.use_cache = False
+    model.train()
+    try:
+        outs = HFRollout(model, tok).generate(prompts, SamplingParams(top_p=0.5, max_new_tokens=4, seed=0))
+        assert all(len(g) == 1 for g in outs)
+        assert model.config._attn_implementation == PACKED_ATTENTION
+        assert model.config.use_cache is False and model.training
+    finally:
+        model.config._attn_implementation = "sdpa"
+        model.config.use_cache = True
+        model.eval()
+
+
+def test_sampling_params_validation():
+    for bad in [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(max_new_tokens=0), dict(n=0),
+                dict(seed=-1)]:
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    assert SamplingParams(temperature=0).greedy
+    with pytest.raises(ValueError):
+        RolloutOutput([1], [2], "x", "eos")
+    with pytest.raises(ValueError):
+        RolloutOutput([1], [2], "x", "stop")  # stop without its token
+
+
+def test_noop_lifecycle_and_vllm_skeleton(model, tok):
+    r = HFRollout(model, tok)
+    r.sleep(), r.sync_weights(model), r.wake()
+    if not vllm_available():
+        with pytest.raises(RuntimeError, match="vLLM is not installed"):
+            VLLMRollout("/nonexistent")
+
+
+def test_checkpoint_generation_config_is_ignored(model, tok, prompts):
+    saved = model.generation_config
+    model.generation_config = saved.__class__(top_k=1, repetition_penalty=5.0, temperature=0.01)
+    try:
+        outs = HFRollout(model, tok).generate(prompts[:1], SamplingParams(max_new_tokens=6, n=4, seed=1))
+        assert len({tuple(o.token_ids) for o in outs[0]}) > 1  # top_k=1 would make all four samples equal
+        assert model.generation_config.top_k == 1  # restored
+    finally:
+        model.generation_config = saved
