@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml setup.py csrc/packing.cpp
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ceiling sft configs/tiny.yaml
+	$(BIN)/ceiling run configs/tiny.yaml
 
 test: $(STAMP)
 	$(BIN)/ruff check .

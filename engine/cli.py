@@ -1,6 +1,7 @@
 """`ceiling`: one subcommand per capability.
 
     ceiling --help
+    ceiling run configs/tiny.yaml                  # SFT -> switch at the Stable sub-phase -> RL -> report
     ceiling fit DATA.json --all --out runs/fit     # Plasticity-Ceiling fits (engine/analysis)
     ceiling flops sft --model-config configs/models/qwen2.5-7b.json --batch-size 512 --mean-seq-len 3771 --steps 360
     ceiling sft configs/tiny.yaml [--set sft.lr=3e-4]
@@ -20,7 +21,7 @@ from engine.errors import CeilingError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine import evaluate, flops, sft
+    from engine import evaluate, flops, pipeline, sft
     from engine.analysis import cli as analysis_cli
     from engine.rl import cli as rl_cli
 
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ceiling-engine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for register in (sft.register, rl_cli.register, evaluate.register, flops.register, analysis_cli.register):
+    for register in (pipeline.register, sft.register, rl_cli.register, evaluate.register, flops.register, analysis_cli.register):
         register(sub)
     return parser
 

@@ -177,6 +177,13 @@ def load_config(path: str | Path | None, cls: type[T], overrides: list[str] | No
     return from_dict(cls, data, f"{label}:")
 
 
+def add_config_arguments(parser) -> None:
+    """The `CONFIG [--set section.key=value ...]` arguments of every config-driven subcommand."""
+    parser.add_argument("config", help="YAML run config (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set sft.lr=3e-4 (repeatable)")
+
+
 def dump_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

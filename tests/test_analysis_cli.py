@@ -88,3 +88,15 @@ def test_retu_general_branch(tmp_path, capsys):
     assert run(["fit", str(RETU / "general.json"), "--branch", "360", "--json", str(out)]) == 0
     d = json.loads(out.read_text())
     assert d["P_sft"] == 69.15 and 78 < d["A_post"] < 86
+
+
+def test_early_stop_writes_table_and_figure(tmp_path, capsys):
+    data = write(tmp_path, mini_scene())
+    out = tmp_path / "es"
+    assert run(["fit", str(data), "--early-stop", "--patience", "2", "--out", str(out), "--json",
+                str(tmp_path / "es.json")]) == 0
+    assert "| SFT step | points used/total |" in capsys.readouterr().out
+    for name in ("early_stop.md", "early_stop.json", "early_stop.png"):
+        assert (out / name).stat().st_size > 0
+    rows = json.loads((tmp_path / "es.json").read_text())
+    assert [r["sft_step"] for r in rows] == [0, 100] and all(r["patience"] == 2 for r in rows)

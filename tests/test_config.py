@@ -106,9 +106,13 @@ def test_shipped_configs_load():
     """Every YAML in configs/ loads into its job's dataclasses."""
     from pathlib import Path
 
+    from engine.pipeline import RunJobConfig
+    from engine.rl.trainer import RLJobConfig
     from engine.sft.trainer import SFTJobConfig
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    sft_configs = sorted(root.glob("*sft*.yaml")) + [root / "tiny.yaml"]
-    for path in sft_configs:
-        load_config(path, SFTJobConfig)
+    kinds = {"sft": SFTJobConfig, "rl": RLJobConfig}
+    paths = sorted(root.glob("*.yaml"))
+    assert root / "tiny.yaml" in paths and root / "sft-tiny.yaml" in paths and root / "rl-tiny.yaml" in paths
+    for path in paths:
+        load_config(path, kinds.get(path.name.split("-")[0], RunJobConfig))

@@ -13,7 +13,8 @@ from engine.data.synthetic import SyntheticTaskConfig
 from engine.data.tokenizer import build_char_tokenizer
 from engine.distributed import destroy_distributed
 from engine.metrics import read_metrics
-from engine.sft.trainer import NonFiniteError, SFTConfig, SFTJobConfig, SFTTrainer, run_sft
+from engine.sft.trainer import SFTConfig, SFTJobConfig, SFTTrainer, run_sft
+from engine.training import NonFiniteError
 
 
 def model_config(tmp_path):

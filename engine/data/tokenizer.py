@@ -22,7 +22,6 @@ with `local_files_only=True` (nothing is ever downloaded).
 from __future__ import annotations
 
 import json
-
 from collections.abc import Iterable
 from pathlib import Path
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from engine.config import add_config_arguments
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("rl", help="RL with verifiable rewards: GRPO, DAPO, LUFFY, SRFT, UPT",
                               description=__doc__)
-    p.add_argument("config", help="YAML run config (see configs/rl-tiny.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set rl.algorithm=luffy (repeatable)")
+    add_config_arguments(p)
     p.set_defaults(func=main)
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from engine.config import add_config_arguments
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("sft", help="supervised fine-tuning on expert trajectories (packed, FSDP2)",
                               description=__doc__)
-    p.add_argument("config", help="YAML run config (see configs/tiny.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set sft.lr=3e-4 (repeatable)")
+    add_config_arguments(p)
     p.set_defaults(func=main)
 
 

@@ -243,10 +243,16 @@ class SFTTrainer:
         log.info("resumed from %s (step %d, %.4f EFLOPs)", path, self.step, self.state["exaflops"])
 
     # ------------------------------------------------------------ the loop
-    def fit(self, stop_after_step: int | None = None) -> dict[str, object]:
-        """Train to `sft.steps` (resuming if a checkpoint exists). `stop_after_step` simulates a crash."""
+    def fit(self, stop_after_step: int | None = None, stop_when=None) -> dict[str, object]:
+        """Train to `sft.steps` (resuming if a checkpoint exists). `stop_after_step` simulates a crash.
+
+        `stop_when(val_history) -> str | None` is asked after each validation; a reason ends SFT there
+        (checkpointed), e.g. the pipeline's switch to RL once the Stable sub-phase is confirmed.
+        """
         cfg, info = self.cfg, self.info
         self.maybe_resume()
+        if self.state.get("stopped"):  # an earlier run already ended SFT early: nothing left to do
+            return self.finish()
         metrics = MetricsLogger(self.run_dir, tensorboard=self.job.run.tensorboard, enabled=info.is_main)
         bar = progress(cfg.steps, "sft", initial=self.step, enabled=info.is_main and self.job.run.progress)
         window_t, window_tokens = time.perf_counter(), 0
@@ -276,8 +282,14 @@ class SFTTrainer:
                                      if k in ("train/loss", "val/loss") and v is not None})
                 bar.update(1)
                 best_now = record.get("val/is_best") and cfg.save_best
-                if last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or best_now:
+                reason = stop_when(self.state["val_history"]) if stop_when and "val/loss" in record else None
+                if reason:
+                    self.state["stopped"] = {"step": self.step, "reason": reason}
+                if last or reason or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or best_now:
                     self.save()
+                if reason:
+                    log.info("SFT stops at step %d: %s", self.step, reason)
+                    break
                 if stop_after_step is not None and self.step >= stop_after_step:
                     return {"stopped_at": self.step}
         finally:
@@ -288,6 +300,7 @@ class SFTTrainer:
 
     def finish(self) -> dict[str, object]:
         summary = {"steps": self.step, "exaflops": self.state["exaflops"], "tokens": self.state["tokens"],
+                   "stopped": self.state.get("stopped"),
                    "best": self.state["best"], "val_history": self.state["val_history"],
                    "checkpoint": str(latest_checkpoint(self.ckpt_root))}
         if self.cfg.export_hf:

@@ -1,0 +1,192 @@
+"""The report of a `ceiling run`: `runs/<name>/report.md`, its figures, and `curves.json`.
+
+    sft_val_loss.png    SFT validation loss with sub-phase shading and the switch point
+    rl_curves.png       RL rollout reward and held-out pass@1 against RL steps (and compute)
+    pass_at_1.png       base model vs SFT model (switch checkpoint) vs SFT-then-RL
+    curves.json         the compute/performance curves in the RETU format read by `ceiling fit`.
+                        Compute is in GFLOPs (units field), since a tiny run's EFLOPs would round to 0.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from engine.analysis.phases import classify_subphases  # noqa: E402
+from engine.metrics import read_metrics  # noqa: E402
+
+PHASE_COLORS = {"Adaptive": "#dbe9f6", "Stable": "#d5f0d5", "Mild": "#fbeccb", "Severe": "#f7d4d4"}
+GFLOPS_PER_EFLOPS = 1e9
+
+
+def _plot_sft(val_history, switch, d1, d2, path: Path) -> None:
+    steps = [h["step"] for h in val_history]
+    losses = [h["val_loss"] for h in val_history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = classify_subphases(losses, d1, d2)
+    for i, label in enumerate(labels):  # shade each validation interval by its sub-phase
+        lo = steps[i - 1] if i else 0
+        ax.axvspan(lo, steps[i], color=PHASE_COLORS[label], lw=0)
+    ax.plot(steps, losses, "o-", color="#1f4e79", ms=3, label="validation loss")
+    ax.axvline(switch["step"], color="#c00000", ls="--", label=f"switch checkpoint (step {switch['step']})")
+    if switch["sft_steps_run"] != switch["step"]:
+        ax.axvline(switch["sft_steps_run"], color="#7f7f7f", ls=":", label=f"SFT stopped (step {switch['sft_steps_run']})")
+    for label, color in PHASE_COLORS.items():
+        ax.fill_between([], [], color=color, label=label)
+    ax.set_xlabel("SFT step")
+    ax.set_ylabel("validation loss (token mean)")
+    ax.set_title("SFT: validation loss and sub-phases")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_rl(records, evals, path: Path) -> None:
+    train = [r for r in records if "rollout/reward_mean" in r]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a.plot([r["step"] for r in train], [r["rollout/reward_mean"] for r in train], ".-", color="#2e75b6")
+    a.set_xlabel("RL step")
+    a.set_ylabel("rollout reward (mean, T=1)")
+    a.set_title("RL: training reward")
+    b.plot([e["step"] for e in evals], [100 * e["pass@1"] for e in evals], "o-", color="#c55a11")
+    b.set_xlabel("RL step")
+    b.set_ylabel("held-out pass@1 (%, T=0.7)")
+    b.set_title("RL: held-out pass@1")
+    if evals:
+        top = b.secondary_xaxis("top", functions=(lambda s: s, lambda s: s))
+        top.set_xticks([e["step"] for e in evals][:: max(1, len(evals) // 4)])
+        top.set_xticklabels([f"{e['rl_exaflops'] * GFLOPS_PER_EFLOPS:.3g}" for e in evals][:: max(1, len(evals) // 4)],
+                            fontsize=7)
+        top.set_xlabel("RL compute (GFLOPs)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_bars(values: dict[str, float], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    bars = ax.bar(list(values), list(values.values()), color=["#a6a6a6", "#2e75b6", "#c55a11"])
+    for bar, v in zip(bars, values.values()):
+        ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom")
+    ax.set_ylabel("held-out pass@1 (%)")
+    ax.set_title("Final pass@1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def base_model_pass_at_1(job, eval_path: Path) -> float:
+    """pass@1 of the model before any training (the random init or model.path)."""
+    from engine.data.tokenizer import load_tokenizer
+    from engine.evaluate import evaluate_model
+    from engine.models import build_model
+
+    model = build_model(path=job.model.path, config=job.model.config, seed=job.run.seed)
+    model.config._attn_implementation = "sdpa"
+    result = evaluate_model(model.eval(), load_tokenizer(job.model.tokenizer), {"eval": eval_path},
+                            samples=job.pipeline.eval_samples, temperature=job.rl.eval_temperature,
+                            max_new_tokens=job.rl.max_new_tokens, max_prompts=job.rl.eval_max_prompts,
+                            seed=job.run.seed)
+    return result.scores["eval"]
+
+
+def retu_curves(name: str, switch: dict, base: float, evals: list[dict], n_eval: int) -> dict:
+    """The run as a RETU scene: SFT points (base, switch checkpoint) and one RL branch, in GFLOPs."""
+    sft_x = round(switch["sft_exaflops_at_switch"] * GFLOPS_PER_EFLOPS, 2)
+    sft_perf = round(100 * evals[0]["pass@1"], 2)
+    point = lambda x, p: {"exaflops": x, "scores": {"synthetic": p}, "overall": p}  # noqa: E731
+    rl = [{"rl_exaflops": round(e["rl_exaflops"] * GFLOPS_PER_EFLOPS, 4), "scores": {"synthetic": round(100 * e["pass@1"], 2)},
+           "overall": round(100 * e["pass@1"], 2)} for e in evals[1:]]
+    return {
+        "scene": name, "model": "ceiling-engine run", "rl_algorithm": "see config.yaml",
+        "units": {"exaflops": "cumulative SFT compute in GFLOPs (1e9 FLOPs)", "rl_exaflops": "RL compute in GFLOPs",
+                  "scores": "pass@1 in percent"},
+        "benchmarks": {"synthetic": n_eval},
+        "sft_steps": [0, switch["step"]],
+        "sft_step_cache_exaflops": {"0": 0.0, str(switch["step"]): sft_x},
+        "sft": [point(0.0, round(base, 2)), point(sft_x, sft_perf)] if sft_x > 0 else [point(0.0, sft_perf)],
+        "rl": {str(switch["step"]): rl},
+    }
+
+
+def write_run_report(job, root: Path, state: dict) -> Path:
+    switch, rl_state = state["switch"], state["rl"]
+    evals = rl_state["eval_history"]
+    history = switch["val_history"]
+    at_switch = next((h for h in history if h["step"] == switch["step"]), None)
+    switch["sft_exaflops_at_switch"] = at_switch["exaflops"] if at_switch else switch["sft_exaflops"]
+    eval_path = root / "rl" / "data" / "eval.jsonl"
+    base = base_model_pass_at_1(job, eval_path) if eval_path.is_file() else float("nan")
+    if history:
+        _plot_sft(history, switch, job.sft.subphase_d1, job.sft.subphase_d2, root / "sft_val_loss.png")
+    records = read_metrics(root / "rl" / "metrics.jsonl")
+    _plot_rl(records, evals, root / "rl_curves.png")
+    sft_p1, rl_p1 = (100 * evals[0]["pass@1"], 100 * evals[-1]["pass@1"]) if evals else (float("nan"),) * 2
+    _plot_bars({"base": base, "SFT": sft_p1, "SFT+RL": rl_p1}, root / "pass_at_1.png")
+    n_eval = sum(1 for _ in eval_path.open()) if eval_path.is_file() else 0
+    if job.rl.eval_max_prompts:
+        n_eval = min(n_eval, job.rl.eval_max_prompts)
+    if evals:
+        (root / "curves.json").write_text(json.dumps(retu_curves(job.run.name, switch, base, evals, n_eval), indent=1))
+    train = [r for r in records if "rollout/reward_mean" in r]
+    labels = classify_subphases([h["val_loss"] for h in history], job.sft.subphase_d1, job.sft.subphase_d2) \
+        if history else []
+    val_rows = "\n".join(f"| {h['step']} | {h['val_loss']:.4f} | {lab} | {h['exaflops'] * GFLOPS_PER_EFLOPS:.4g} |"
+                         for h, lab in zip(history, labels))
+    time_rl = sum(r.get("time/step_s", 0) for r in train)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    text = f"""# Run `{job.run.name}`: SFT, then RL ({job.rl.algorithm})
+
+Device: {device}. Config: `config.yaml` (resolved). SFT and RL run directories: `sft/`, `rl/`.
+
+## Result
+
+| model | held-out pass@1 (T={job.rl.eval_temperature}) |
+| --- | --- |
+| base (before SFT) | {base:.2f}% ({job.pipeline.eval_samples} samples per prompt) |
+| SFT (switch checkpoint, step {switch['step']}) | {sft_p1:.2f}% |
+| SFT then RL ({rl_state['steps']} RL steps) | {rl_p1:.2f}% |
+
+![pass@1](pass_at_1.png)
+
+Held-out set: {n_eval} prompts of the synthetic task's eval split, {job.rl.eval_samples} sample(s) each for the
+SFT and RL rows (avg@k); with this many samples one standard error is about
+{100 * (max(sft_p1, 1) / 100 * (1 - max(sft_p1, 1) / 100) / max(n_eval * job.rl.eval_samples, 1)) ** 0.5:.1f} points.
+
+## SFT and the switch to RL
+
+Policy `{switch['policy']}`: {switch['reason']}. SFT ran {switch['sft_steps_run']} of {job.sft.steps} planned steps
+({switch['sft_exaflops'] * GFLOPS_PER_EFLOPS:.4g} GFLOPs); RL starts from `{switch['checkpoint']}`.
+Sub-phases (offline, over the whole validation history): Stable is L <= {1 + job.sft.subphase_d1:.2f} L_min,
+Mild below {1 + job.sft.subphase_d2:.2f} L_min after the last Stable point, Severe above, Adaptive before the first.
+
+![SFT validation loss](sft_val_loss.png)
+
+| step | val loss | sub-phase | SFT compute (GFLOPs) |
+| --- | --- | --- | --- |
+{val_rows}
+
+## RL
+
+{rl_state['steps']} steps of {job.rl.algorithm}, {job.rl.train_batch} groups x {job.rl.n_samples} samples per step,
+{rl_state['exaflops'] * GFLOPS_PER_EFLOPS:.4g} GFLOPs by the paper's Appendix C, {time_rl:.0f} s of RL steps.
+Mean generation rounds per step (dynamic sampling): {sum(r['rollout/num_rounds'] for r in train) / max(len(train), 1):.2f}.
+
+![RL curves](rl_curves.png)
+
+| RL step | pass@1 | RL compute (GFLOPs) |
+| --- | --- | --- |
+""" + "\n".join(f"| {e['step']} | {100 * e['pass@1']:.2f}% | {e['rl_exaflops'] * GFLOPS_PER_EFLOPS:.4g} |" for e in evals) + """
+
+`curves.json` holds these curves in the RETU format: `ceiling fit curves.json --branch <switch step>` fits
+this run's ceiling exactly as it fits the paper's (with so few points the fit is indicative only).
+"""
+    (root / "report.md").write_text(text)
+    return root / "report.md"
