@@ -51,7 +51,7 @@ from engine.distributed import all_reduce_sum, barrier, compute_dtype, init_dist
 from engine.errors import CeilingError
 from engine.losses import linear_policy_loss
 from engine.metrics import MetricsLogger, make_run_dir, progress
-from engine.models import build_model
+from engine.models import PackedCausalLM, build_model
 from engine.reward import score_responses
 from engine.rl.algorithms import (
     ALGORITHMS,
@@ -214,8 +214,10 @@ class RLTrainer:
                                  batch_size=self.cfg.rollout_batch_size)
         self.reference = None
         if self.cfg.kl_coef > 0:  # the frozen initial policy, for the KL term
-            self.reference = build_model(path=job.model.path, config=job.model.config, dtype=dtype, seed=job.run.seed)
-            self.reference.to(self.info.device).eval().requires_grad_(False)
+            reference = build_model(path=job.model.path, config=job.model.config, dtype=dtype, seed=job.run.seed)
+            if self.cfg.init_checkpoint:  # the reference is the policy RL starts from
+                reference.load_state_dict(full_hf_state_dict(self.model))
+            self.reference = PackedCausalLM(reference.to(self.info.device)).eval().requires_grad_(False)
         self.order = DataOrder(len(self.prompts), job.run.seed)
         self.step = 0
         self.state = {"cursor": 0, "exaflops": 0.0, "eval_history": []}
@@ -334,13 +336,7 @@ class RLTrainer:
             mask = (batch.labels != -100).float()
             loss_fn = partial(linear_policy_loss, targets=batch.labels.clamp(min=0), advantages=torch.zeros_like(mask),
                               loss_mask=mask)
-            if attr == "ref_logp":
-                from engine.models import PackedCausalLM
-
-                out = PackedCausalLM(model)(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen,
-                                            loss_fn)
-            else:
-                out = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, loss_fn)
+            out = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, loss_fn)
             bounds = batch.cu_seqlens.tolist()
             for j, i in enumerate(local):
                 setattr(seqs[i], attr, out.logp[bounds[j]:bounds[j + 1]].clone())
