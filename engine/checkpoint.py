@@ -98,6 +98,16 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None) -> 
     return json.loads((path / "trainer_state.json").read_text())
 
 
+def resume_latest(ckpt_root: str | Path, model, optimizer, scheduler) -> dict[str, Any] | None:
+    """Restore the newest checkpoint under `ckpt_root`, if any; returns its trainer state (with "step")."""
+    path = latest_checkpoint(ckpt_root)
+    if path is None:
+        return None
+    state = load_checkpoint(path, model, optimizer, scheduler)
+    state["path"] = str(path)
+    return state
+
+
 def full_hf_state_dict(model) -> dict[str, torch.Tensor]:
     """Full (unsharded) weights under HF names, on every rank: what a rollout engine loads (collective)."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))

@@ -15,15 +15,7 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from engine.config import load_config
-    from engine.distributed import destroy_distributed
-    from engine.metrics import setup_logging
+    from engine.cli import run_job
     from engine.rl.trainer import RLJobConfig, run_rl
 
-    setup_logging()
-    job = load_config(args.config, RLJobConfig, args.overrides)
-    try:
-        run_rl(job)
-    finally:
-        destroy_distributed()
-    return 0
+    return run_job(args, RLJobConfig, run_rl)

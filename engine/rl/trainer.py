@@ -40,6 +40,7 @@ from engine.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    resume_latest,
     save_checkpoint,
 )
 from engine.config import DataConfig, ModelConfig, RunConfig
@@ -496,13 +497,11 @@ class RLTrainer:
         return path
 
     def maybe_resume(self) -> None:
-        path = latest_checkpoint(self.ckpt_root)
-        if path is None:
-            return
-        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
-        self.step = state.pop("step")
-        self.state.update(state)
-        log.info("resumed RL from %s (step %d)", path, self.step)
+        state = resume_latest(self.ckpt_root, self.model, self.optimizer, self.scheduler)
+        if state is not None:
+            log.info("resumed RL from %s (step %d)", state.pop("path"), state["step"])
+            self.step = state.pop("step")
+            self.state.update(state)
 
     def fit(self, stop_after_step: int | None = None) -> dict[str, object]:
         cfg, info = self.cfg, self.info

@@ -15,15 +15,7 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from engine.config import load_config
-    from engine.distributed import destroy_distributed
-    from engine.metrics import setup_logging
+    from engine.cli import run_job
     from engine.sft.trainer import SFTJobConfig, run_sft
 
-    setup_logging()
-    job = load_config(args.config, SFTJobConfig, args.overrides)
-    try:
-        run_sft(job)
-    finally:
-        destroy_distributed()
-    return 0
+    return run_job(args, SFTJobConfig, run_sft)

@@ -34,8 +34,8 @@ from engine.analysis.phases import current_subphase
 from engine.checkpoint import (
     export_hf,
     latest_checkpoint,
-    load_checkpoint,
     prune_checkpoints,
+    resume_latest,
     save_checkpoint,
 )
 from engine.config import DataConfig, ModelConfig, RunConfig
@@ -233,14 +233,12 @@ class SFTTrainer:
         return path
 
     def maybe_resume(self) -> None:
-        path = latest_checkpoint(self.ckpt_root)
-        if path is None:
-            return
-        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
-        self.step = state.pop("step")
-        state.pop("data_position", None)
-        self.state.update(state)
-        log.info("resumed from %s (step %d, %.4f EFLOPs)", path, self.step, self.state["exaflops"])
+        state = resume_latest(self.ckpt_root, self.model, self.optimizer, self.scheduler)
+        if state is not None:
+            log.info("resumed from %s (step %d, %.4g EFLOPs)", state.pop("path"), state["step"], state["exaflops"])
+            self.step = state.pop("step")
+            state.pop("data_position", None)  # follows from the step
+            self.state.update(state)
 
     # ------------------------------------------------------------ the loop
     def fit(self, stop_after_step: int | None = None, stop_when=None) -> dict[str, object]:
