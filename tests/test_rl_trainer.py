@@ -126,3 +126,31 @@ def test_malformed_prompt_file_names_file_and_line(tmp_path, sft_run):
     job = rl_job(tmp_path, sft_run, "grpo", prompts_path=str(bad))
     with pytest.raises(DataError, match=r"prompts\.jsonl:2: .*answer"):
         RLTrainer(job)
+
+
+def test_stop_when_ends_a_branch_and_resume_respects_it(tmp_path, sft_run):
+    job = rl_job(tmp_path, sft_run, "grpo", steps=4, eval_every=1, checkpoint_every=0)
+    rule = lambda history: "enough" if len(history) >= 3 else None  # noqa: E731  (evals at steps 0, 1, 2)
+    summary = RLTrainer(job).fit(stop_when=rule)
+    assert summary["steps"] == 2 and summary["stopped"] == {"step": 2, "reason": "enough"}
+    destroy_distributed()
+    again = RLTrainer(job).fit()  # started again: the stopped branch is not continued
+    assert again["steps"] == 2
+
+
+def test_ceiling_stop_rule_on_a_saturating_curve():
+    import math
+
+    from engine.rl.trainer import ceiling_stop_rule
+
+    rule = ceiling_stop_rule(tol=0.5, patience=3)
+    history, reason = [], None
+    for i in range(40):  # pass@1 rises from 20% towards 50% along a sigmoid in compute
+        x = 0.5 * i
+        history.append({"step": i, "rl_exaflops": x, "pass@1": (20 + 30 / (1 + (4.0 / (x + 1e-10)) ** 2)) / 100})
+        reason = rule(history)
+        if reason:
+            break
+    assert reason is not None and "ceiling settled" in reason
+    assert 6 <= len(history) < 40  # stopped early, after the minimum number of points
+    assert abs(float(reason.split("A_post ")[1].split()[0]) - 50.0) < 1.5

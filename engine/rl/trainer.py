@@ -503,9 +503,16 @@ class RLTrainer:
             self.step = state.pop("step")
             self.state.update(state)
 
-    def fit(self, stop_after_step: int | None = None) -> dict[str, object]:
+    def fit(self, stop_after_step: int | None = None, stop_when=None) -> dict[str, object]:
+        """Train to `rl.steps` (resuming if a checkpoint exists). `stop_after_step` simulates a crash.
+
+        `stop_when(eval_history) -> str | None` is asked after each evaluation; a reason ends the branch
+        there (checkpointed), e.g. `ceiling_stop_rule` once the predicted ceiling has settled.
+        """
         cfg, info = self.cfg, self.info
         self.maybe_resume()
+        if self.state.get("stopped"):  # an earlier run already ended this branch early
+            return self._summary()
         self.sync_rollout()
         lo, hi = (cfg.eps_low, cfg.eps_high)
         self._eps = (self.spec.eps_low if lo is None else lo, self.spec.eps_high if hi is None else hi)
@@ -524,18 +531,57 @@ class RLTrainer:
                     bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in logged.items()
                                      if k in ("rollout/reward_mean", "eval/pass@1") and v is not None})
                 bar.update(1)
-                if last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                reason = stop_when(self.state["eval_history"]) if stop_when and "eval/pass@1" in record else None
+                if reason:
+                    self.state["stopped"] = {"step": self.step, "reason": reason}
+                    log.info("RL stops at step %d: %s", self.step, reason)
+                if last or reason or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                     self.save()
+                if reason:
+                    break
                 if stop_after_step is not None and self.step >= stop_after_step:
                     return {"stopped_at": self.step}
         finally:
             bar.close()
             metrics.close()
+        return self._summary()
+
+    def _summary(self) -> dict[str, object]:
         summary = {"steps": self.step, "exaflops": self.state["exaflops"], "eval_history": self.state["eval_history"],
-                   "checkpoint": str(latest_checkpoint(self.ckpt_root))}
-        if info.is_main:
+                   "stopped": self.state.get("stopped"), "checkpoint": str(latest_checkpoint(self.ckpt_root))}
+        if self.info.is_main:
             (self.run_dir / "rl_summary.json").write_text(json.dumps(summary, indent=1))
         return summary
+
+
+def ceiling_stop_rule(tol: float = 0.5, patience: int = 3, min_points: int = 6):
+    """A `stop_when` for RLTrainer.fit: refit the ceiling after each evaluation (engine/analysis/early_stop)
+    and stop once the predicted A_post has moved less than `tol` points over the last `patience` refits.
+
+    The gain is measured against the branch's first evaluation (its starting performance, P_sft); compute
+    is the branch's RL compute. Returns a reason string when the branch should stop, else None.
+    """
+    from engine.analysis.early_stop import EarlyStopConfig, OnlineCeilingMonitor
+
+    monitor: OnlineCeilingMonitor | None = None
+    seen = 0
+
+    def rule(history: list[dict]) -> str | None:
+        nonlocal monitor, seen
+        if monitor is None:
+            if not history:
+                return None
+            monitor = OnlineCeilingMonitor(100 * history[0]["pass@1"], EarlyStopConfig(tol, patience, min_points))
+            seen = 1
+        for h in history[seen:]:
+            monitor.update(h["rl_exaflops"], 100 * h["pass@1"] - monitor.p_sft)
+        seen = len(history)
+        if monitor.should_stop:
+            return (f"ceiling settled: predicted A_post {monitor.stop_prediction:.2f} moved less than {tol} points "
+                    f"over the last {patience} refits")
+        return None
+
+    return rule
 
 
 def run_rl(job: RLJobConfig, stop_after_step: int | None = None) -> dict[str, object]:
