@@ -139,7 +139,6 @@ def test_stop_when_ends_a_branch_and_resume_respects_it(tmp_path, sft_run):
 
 
 def test_ceiling_stop_rule_on_a_saturating_curve():
-    import math
 
     from engine.rl.trainer import ceiling_stop_rule
 
