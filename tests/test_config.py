@@ -109,9 +109,10 @@ def test_shipped_configs_load():
     from engine.pipeline import RunJobConfig
     from engine.rl.trainer import RLJobConfig
     from engine.sft.trainer import SFTJobConfig
+    from engine.sweep import SweepJobConfig
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    kinds = {"sft": SFTJobConfig, "rl": RLJobConfig}
+    kinds = {"sft": SFTJobConfig, "rl": RLJobConfig, "sweep": SweepJobConfig}
     paths = sorted(root.glob("*.yaml"))
     assert root / "tiny.yaml" in paths and root / "sft-tiny.yaml" in paths and root / "rl-tiny.yaml" in paths
     for path in paths:

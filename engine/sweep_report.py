@@ -1,0 +1,238 @@
+"""The report of a `ceiling sweep`: per scene a RETU scene, its ceiling fits, a table and two figures.
+
+    <run>/<scene>/scene.json      the scene in the RETU format (compute in GFLOPs), read by `ceiling fit`
+    <run>/<scene>/table.md        Table 4 in miniature: SFT step, sub-phase, SFT compute, P_sft, PL_rl, C_mid,
+                                  B, A_post, and RL compute used vs planned (early stopping)
+    <run>/<scene>/a_post.png      A_post = P_sft + PL_rl against SFT compute, shaded by SFT sub-phase
+    <run>/<scene>/paradigms.png   performance against total compute: pure SFT, pure RL, SFT-then-RL, baselines
+    <run>/table.md, <run>/sweep_report.md   all scenes, and the min-val-loss / A_post correlation (>= 3 scenes)
+A branch whose fit fails (too few points, all at x = 0) shows "n/a" and the reason; nothing crashes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+from engine.analysis import FitResult, ceiling_correlation, classify_subphases, fit_scene, load_scene
+from engine.report import GFLOPS_PER_EFLOPS, PHASE_COLORS
+
+plt_cmap = colormaps["Oranges"]
+PALETTE = {"luffy": "#7030a0", "srft": "#00b050", "upt": "#ff0000"}
+
+
+def _gf(exaflops: float, digits: int = 2) -> float:
+    return round(exaflops * GFLOPS_PER_EFLOPS, digits)
+
+
+def _point(p: float) -> dict:
+    return {"scores": {"synthetic": round(p, 2)}, "overall": round(p, 2)}
+
+
+def scene_json(name: str, st: dict) -> dict:
+    """A sweep scene in the RETU format: sft = base + every SFT checkpoint, rl = {"0": pure RL, "<step>": ...}."""
+    history, pass1 = st["sft"]["val_history"], st["sft_pass1"]
+    cache = {"0": 0.0} | {str(h["step"]): _gf(h["exaflops"]) for h in history}
+    sft = [{"exaflops": 0.0, **_point(pass1["0"])}]
+    sft += [{"exaflops": cache[str(h["step"])], **_point(pass1[str(h["step"])])} for h in history]
+    rl, baselines = {}, {}
+    for key, run in st.get("rl", {}).items():
+        pts = [{"rl_exaflops": _gf(e["rl_exaflops"], 4), **_point(100 * e["pass@1"])} for e in run["eval_history"][1:]]
+        if key.startswith("rl/") and pts:  # a branch with no evaluation after its start cannot be a RETU branch
+            rl[str(run["init_step"])] = pts
+        elif key.startswith("baseline/"):
+            baselines[run["algorithm"]] = [{"rl_exaflops": _gf(e["rl_exaflops"], 4), **_point(100 * e["pass@1"])}
+                                           for e in run["eval_history"]]
+    return {
+        "scene": name, "model": "ceiling-engine sweep", "rl_algorithm": "see config.yaml",
+        "units": {"exaflops": "cumulative SFT compute in GFLOPs (1e9 FLOPs)", "rl_exaflops": "RL compute in GFLOPs",
+                  "scores": "pass@1 in percent"},
+        "benchmarks": {"synthetic": st.get("n_eval", 1)},
+        "sft_steps": [0] + [h["step"] for h in history],
+        "sft_step_cache_exaflops": cache,
+        "sft": sft,
+        "rl": dict(sorted(rl.items(), key=lambda kv: int(kv[0]))),
+        "baselines": baselines,
+    }
+
+
+def _n(v: float | None, digits: int = 2) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def scene_table(st: dict, results: dict, subphase: dict[int, str]) -> tuple[str, list[dict]]:
+    """The markdown table (one row per RL branch, pure RL first) and the same rows as dicts."""
+    history = {h["step"]: h for h in st["sft"]["val_history"]}
+    lines = ["| SFT step | sub-phase | SFT compute (GFLOPs) | P_sft | PL_rl | C_mid | B | A_post | "
+             "RL steps used/planned | RL compute (GFLOPs) |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows, notes = [], []
+    for run in sorted((r for k, r in st.get("rl", {}).items() if k.startswith("rl/")), key=lambda r: r["init_step"]):
+        step = run["init_step"]
+        res = results.get(step)
+        fit = res if isinstance(res, FitResult) else None
+        if fit is None:
+            notes.append(f"- step {step}: fit n/a: {res if res is not None else 'no RL evaluation after the start'}")
+        p_sft = st["sft_pass1"][str(step)]
+        row = {"sft_step": step, "subphase": subphase.get(step, "base"),
+               "sft_gflops": _gf(history[step]["exaflops"]) if step else 0.0, "P_sft": p_sft,
+               "PL_rl": fit.PL_rl if fit else None, "C_mid": fit.C_mid if fit else None, "B": fit.B if fit else None,
+               "A_post": fit.A_post if fit else None, "rl_steps": run["steps"], "rl_planned": run["planned_steps"],
+               "rl_gflops": _gf(run["exaflops"], 4), "stopped": run["stopped"]}
+        rows.append(row)
+        used = f"{run['steps']}/{run['planned_steps']}" + (" (early stop)" if run["stopped"] else "")
+        lines.append(f"| {step} | {row['subphase']} | {row['sft_gflops']:.2f} | {p_sft:.2f} | {_n(row['PL_rl'])} | "
+                     f"{_n(row['C_mid'], 3)} | {_n(row['B'])} | {_n(row['A_post'])} | {used} | {row['rl_gflops']:.4g} |")
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n", rows
+
+
+def plot_a_post(st: dict, rows: list[dict], labels: list[str], path: Path, title: str) -> None:
+    history = st["sft"]["val_history"]
+    xs = [_gf(h["exaflops"]) for h in history]
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    for i, label in enumerate(labels):  # each validation interval shaded by its sub-phase
+        ax.axvspan(xs[i - 1] if i else 0.0, xs[i], color=PHASE_COLORS[label], lw=0)
+    for label, color in PHASE_COLORS.items():
+        ax.fill_between([], [], color=color, label=label)
+    ax.plot([0.0] + xs, [st["sft_pass1"]["0"]] + [st["sft_pass1"][str(h["step"])] for h in history], "o-",
+            color="#1f4e79", ms=3, label="P_sft (pure SFT pass@1)")
+    for r in rows:
+        if r["A_post"] is None:
+            ax.plot(r["sft_gflops"], r["P_sft"], "x", color="#7f7f7f")
+            ax.annotate("fit n/a", (r["sft_gflops"], r["P_sft"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            continue
+        ax.vlines(r["sft_gflops"], r["P_sft"], r["A_post"], color="#c55a11", lw=2)
+        ax.plot(r["sft_gflops"], r["A_post"], "D", color="#c55a11", ms=5)
+    ax.plot([], [], "D-", color="#c55a11", label="A_post = P_sft + PL_rl")
+    ax.set_xlabel("SFT compute (GFLOPs)")
+    ax.set_ylabel("pass@1 (%)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    fig.savefig(path, dpi=110)
+
+
+def plot_paradigms(st: dict, path: Path, title: str) -> None:
+    history = st["sft"]["val_history"]
+    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0.0] + [_gf(h["exaflops"]) for h in history],
+            [st["sft_pass1"]["0"]] + [st["sft_pass1"][str(h["step"])] for h in history], "o-", color="#1f4e79",
+            ms=3, label="pure SFT")
+    offsets = {0: 0.0} | {h["step"]: _gf(h["exaflops"]) for h in history}
+    for key, run in sorted(st.get("rl", {}).items(), key=lambda kv: (kv[0][0], kv[1]["init_step"])):
+        ev = run["eval_history"]
+        if key.startswith("rl/"):
+            step = run["init_step"]
+            shade = 0.35 + 0.6 * step / max(offsets)  # later SFT checkpoints: darker
+            style = dict(color="#c55a11", lw=2, label="pure RL") if step == 0 else \
+                dict(color=plt_cmap(shade), lw=1, label=f"SFT({step})-then-RL")
+            c = offsets[step]
+            ys = [st["sft_pass1"][str(step)]] + [100 * e["pass@1"] for e in ev[1:]]
+        else:
+            style = dict(color=PALETTE.get(run["algorithm"], "k"), lw=1, ls="--", label=run["algorithm"].upper())
+            c, ys = 0.0, [100 * e["pass@1"] for e in ev]
+        xs = [c + _gf(e["rl_exaflops"], 4) for e in ev]
+        ax.plot(xs, ys, marker=".", **style)
+    ax.set_xlabel("total compute (GFLOPs: SFT + RL)")
+    ax.set_ylabel("pass@1 (%)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    fig.savefig(path, dpi=110)
+
+
+def write_sweep_report(job, root: Path, state: dict) -> Path:
+    sections, tables, pairs, skipped = [], [], [], []
+    cfg = job.sft
+    for spec in job.sweep.scenes:
+        st, out = state["scenes"][spec.name], root / spec.name
+        history = st["sft"]["val_history"]
+        losses = [h["val_loss"] for h in history]
+        labels = classify_subphases(losses, cfg.subphase_d1, cfg.subphase_d2)
+        subphase = {h["step"]: lab for h, lab in zip(history, labels)}
+        raw = scene_json(spec.name, st)
+        (out / "scene.json").write_text(json.dumps(raw, indent=1))
+        results = fit_scene(load_scene(out / "scene.json")) if raw["rl"] else {}
+        table, rows = scene_table(st, results, subphase)
+        (out / "table.md").write_text(f"### scene `{spec.name}`\n\n{table}")
+        (out / "table.json").write_text(json.dumps(rows, indent=1))
+        plot_a_post(st, rows, labels, out / "a_post.png", f"{spec.name}: A_post = P_sft + PL_rl vs SFT compute")
+        plot_paradigms(st, out / "paradigms.png", f"{spec.name}: performance vs total compute")
+        tables.append(f"### scene `{spec.name}`\n\n{table}")
+        fitted = [r["A_post"] for r in rows if r["A_post"] is not None and math.isfinite(r["A_post"])]
+        if fitted:
+            pairs.append((min(losses), max(fitted)))
+        else:
+            skipped.append(spec.name)
+        val_rows = "\n".join(f"| {h['step']} | {h['val_loss']:.4f} | {lab} | {_gf(h['exaflops']):.2f} | "
+                             f"{st['sft_pass1'][str(h['step'])]:.2f} |" for h, lab in zip(history, labels))
+        base_rows = "\n".join(f"| {r['algorithm'].upper()} | {r['steps']}/{r['planned_steps']} | "
+                              f"{_gf(r['exaflops'], 4):.4g} | {100 * r['eval_history'][-1]['pass@1']:.2f} |"
+                              for k, r in st.get("rl", {}).items() if k.startswith("baseline/") and r["eval_history"])
+        task = replace_task(job, spec)
+        sections.append(f"""## Scene `{spec.name}`
+
+Task: {task}. SFT ran {st['sft']['steps']} steps ({_gf(st['sft']['exaflops']):.2f} GFLOPs); minimum validation
+loss {st['sft']['best']['val_loss']:.4f} at step {st['sft']['best']['step']}. RL branches ({job.rl.algorithm}) from
+SFT steps {st['branches']} and from the base model (step 0 = pure RL). pass@1 on {st.get('n_eval', '?')} eval
+prompts, T={job.rl.eval_temperature}, {job.sweep.eval_samples} sample(s) each for SFT checkpoints and
+{job.rl.eval_samples} for RL evaluations.
+
+| SFT step | val loss | sub-phase | SFT compute (GFLOPs) | pass@1 (%) |
+| ---: | ---: | --- | ---: | ---: |
+| 0 (base) | | | 0.00 | {st['sft_pass1']['0']:.2f} |
+{val_rows}
+
+### Ceiling fits (Table 4 in miniature; `scene.json`, `table.md`)
+
+{table}
+![A_post]({spec.name}/a_post.png)
+
+### Paradigms: pure SFT, pure RL, SFT-then-RL, synchronized baselines
+
+| baseline | RL steps | RL compute (GFLOPs) | final pass@1 (%) |
+| --- | ---: | ---: | ---: |
+{base_rows}
+
+![paradigms]({spec.name}/paradigms.png)
+""")
+    if len(pairs) >= 3:
+        try:
+            c = ceiling_correlation(pairs)
+            corr = (f"Pearson r between min validation loss and best A_post over {c.n} scenes: r = {c.r:.3f} "
+                    f"(p = {c.p_value:.3g}); the paper finds a strong negative correlation.")
+        except ValueError as e:
+            corr = f"Not computed: {e}."
+    else:
+        corr = (f"Not computed: it needs at least 3 scenes with a fitted A_post; this sweep has {len(pairs)}"
+                + (f" (no fitted branch in: {', '.join(skipped)})" if skipped else "") + ".")
+    (root / "table.md").write_text("\n".join(tables))
+    early = (f"on (tol {job.sweep.tol}, patience {job.sweep.patience}, min points {job.sweep.min_points}); "
+             "'used/planned' shows the RL steps a branch ran of `rl.steps`") if job.sweep.early_stop else "off"
+    text = f"""# Sweep `{job.run.name}`: SFT sub-phases x RL branches, Plasticity-Ceiling fits
+
+The paper's study (arXiv 2512.11470) in miniature on the synthetic math task. Compute is in GFLOPs by the
+paper's Appendix C. P_sft is the pass@1 of the SFT checkpoint; PL_rl the fitted asymptotic RL gain; A_post =
+P_sft + PL_rl the predicted ceiling; C_mid, B the sigmoid's midpoint and steepness. Sub-phases (over the whole
+validation history): Stable L <= {1 + cfg.subphase_d1:.2f} L_min, Mild below {1 + cfg.subphase_d2:.2f} L_min after
+the last Stable point, Severe above, Adaptive before. Live early stopping of RL branches: {early}.
+"n/a": the branch has too few usable points for the fit (the reason is listed under the table).
+
+{"".join(sections)}
+## Min validation loss vs best A_post
+
+{corr}
+"""
+    (root / "sweep_report.md").write_text(text)
+    return root / "sweep_report.md"
+
+
+def replace_task(job, spec) -> str:
+    t = job.data.synthetic
+    n = spec.num_train if spec.num_train is not None else t.num_train
+    mix = spec.difficulty_mix or t.difficulty_mix
+    return f"{n} SFT examples, difficulty mix {mix}, {t.min_ops}-{t.max_ops} ops, {t.max_digits}-digit operands"
