@@ -8,19 +8,13 @@ from engine.analysis import load_scene
 from engine.config import DataConfig, ModelConfig, RunConfig
 from engine.data.synthetic import SyntheticTaskConfig
 from engine.data.tokenizer import build_char_tokenizer
-from engine.distributed import destroy_distributed
 from engine.errors import ConfigError
 from engine.metrics import read_metrics
 from engine.pipeline import Pipeline, PipelineConfig, RunJobConfig, stable_confirmed
 from engine.rl.trainer import RLConfig
 from engine.sft.trainer import SFTConfig
 
-
-@pytest.fixture(autouse=True)
-def _torch_loss_path(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # see tests/test_sft.py
-    yield
-    destroy_distributed()
+pytestmark = pytest.mark.usefixtures("trainer_env")  # tests/conftest.py
 
 
 def test_stable_confirmed_boundaries():

@@ -17,11 +17,7 @@ from engine.sft.trainer import SFTConfig, SFTJobConfig, run_sft
 TASK = dict(num_train=2000, num_val=16, num_rl=64, num_eval=8, min_ops=1, max_ops=3, max_digits=1, seed=3)
 
 
-@pytest.fixture(autouse=True)
-def _torch_loss_path(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # see tests/test_sft.py
-    yield
-    destroy_distributed()
+pytestmark = pytest.mark.usefixtures("trainer_env")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -47,13 +47,7 @@ def losses_by_step(run_dir):
     return out
 
 
-@pytest.fixture(autouse=True)
-def _torch_loss_path_and_cleanup(monkeypatch):
-    # tests/conftest.py turns the Triton interpreter on for kernel tests; the trainer on CPU takes the
-    # chunked torch loss path, as it does for users (the kernels are tested in test_linear_loss.py).
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    yield
-    destroy_distributed()
+pytestmark = pytest.mark.usefixtures("trainer_env")  # tests/conftest.py
 
 
 def test_sft_learns_and_writes_run_dir(tmp_path):
