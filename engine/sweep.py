@@ -1,6 +1,6 @@
 """`ceiling sweep CONFIG`: the paper's study in miniature on the synthetic math task.
 
-    ceiling sweep configs/sweep-tiny.yaml                       # CPU, 2 cores: roughly 10-15 minutes
+    ceiling sweep configs/sweep-tiny.yaml                       # CPU, 2 cores: about 33 minutes
     ceiling sweep configs/sweep-tiny.yaml --set sft.steps=100 --set sweep.branches=2
 
 Per scene (`sweep.scenes`, each a variant of `data.synthetic`), in `runs/<name>/<scene>/`:
@@ -49,6 +49,8 @@ class SceneSpec:
     """Override of data.synthetic.num_train."""
     difficulty_mix: Literal["uniform", "easy", "hard"] | None = None
     """Override of data.synthetic.difficulty_mix."""
+    baselines: bool = True
+    """Run sweep.baselines in this scene (off: only the SFT checkpoints' RL branches and pure RL)."""
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
@@ -223,7 +225,7 @@ class Sweep:
             self._item(f"{spec.name}/rl/{step}",
                        lambda s=step: self.run_rl(spec, st, f"rl/{s}", self.job.rl.algorithm, s,
                                                   self.job.sweep.early_stop))
-        for algo in self.job.sweep.baselines:
+        for algo in self.job.sweep.baselines if spec.baselines else []:
             self._item(f"{spec.name}/baseline/{algo}",
                        lambda a=algo: self.run_rl(spec, st, f"baseline/{a}", a, None, False))
 

@@ -116,6 +116,57 @@ def test_weight_sync_matches_policy(tmp_path, sft_run):
                                    else policy[name])
 
 
+@pytest.mark.parametrize("algorithm", ["grpo", "luffy", "srft", "upt"])
+def test_update_gradient_matches_plain_transformers(tmp_path, sft_run, algorithm, monkeypatch):
+    """The trainer's gradient (packed micro-batches, fused LM-head loss, per-token weights, global token-mean)
+    equals the gradient of the textbook loss: a plain transformers forward per sequence, log_softmax of the
+    full logits and the per-token formula of engine.rl.algorithms.policy_loss_reference."""
+    import engine.rl.trainer as rl_trainer
+    from engine.rl.algorithms import SeqWeights, policy_loss_reference, to_tokens
+
+    trainer = RLTrainer(rl_job(tmp_path, sft_run, algorithm, steps=1, eval_every=0, micro_batch_tokens=256,
+                               upt_gamma=0.3))
+    trainer.sync_rollout()
+    seen = {}
+
+    def no_step(model, *args):  # keep the gradient, skip the optimizer step
+        seen["grads"] = {n.replace("hf.", "", 1): p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                         for n, p in model.named_parameters() if p.grad is not None}
+        return torch.tensor(0.0), 0.0
+
+    update = trainer._update
+
+    def spy(seqs, seq_w):
+        seen["seqs"], seen["weights"] = seqs, seq_w
+        return update(seqs, seq_w)
+
+    monkeypatch.setattr(rl_trainer, "guarded_step", no_step)
+    monkeypatch.setattr(trainer, "_update", spy)
+    trainer.train_step()
+    seqs, w = seen["seqs"], seen["weights"]
+    assert len({s.group for s in seqs}) > 1 and len(seqs) * max(len(s.ids) for s in seqs) > 256  # several micro-batches
+
+    reference = trainer.rollout.model  # the synced copy of the same weights, as a plain HF model
+    reference.config._attn_implementation = "eager"
+    reference.train().requires_grad_(True).zero_grad()
+    normalizer = sum(s.n_response for s, t in zip(seqs, w.trained_S.tolist()) if t)
+    for i, s in enumerate(seqs):
+        ids = torch.tensor([s.ids])
+        logp_T = torch.log_softmax(reference(input_ids=ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
+        response_T = torch.tensor(s.loss_mask[1:])  # token t predicts ids[t + 1]
+        one = SeqWeights(*(t[i:i + 1] for t in (w.advantages_S, w.sft_weight_S, w.pg_weight_S, w.off_policy_S,
+                                                 w.trained_S)))
+        tw = to_tokens(one, torch.tensor([0, len(logp_T)]), response_T)
+        loss = policy_loss_reference(logp_T, None, tw.advantages_T, tw.sft_weight_T, tw.pg_weight_T, tw.off_policy_T,
+                                     tw.loss_mask_T, eps_low=trainer._eps[0], eps_high=trainer._eps[1],
+                                     luffy_gamma=trainer.cfg.luffy_gamma, normalizer=normalizer)
+        loss.backward()
+    expected = dict(reference.named_parameters())
+    assert seen["grads"].keys() <= expected.keys()
+    for name, grad in seen["grads"].items():
+        torch.testing.assert_close(grad, expected[name].grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
 def test_malformed_prompt_file_names_file_and_line(tmp_path, sft_run):
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?"}\n')

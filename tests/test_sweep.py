@@ -64,7 +64,7 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [int(r.split("|")[1]) for r in rows] == [0] + st["branches"]  # one row per branch, pure RL first
     report = (root / "sweep_report.md").read_text()
-    for needle in ("a_post.png", "paradigms.png", "LUFFY", "Not computed"):
+    for needle in ("a_post.png", "paradigms.png", "LUFFY", "Not computed", "Early stopping, replayed"):
         assert needle in report
     for png in ("a_post.png", "paradigms.png"):
         assert (root / "default" / png).stat().st_size > 1000

@@ -131,3 +131,18 @@ def test_too_small_problem_space_fails_clearly():
     cfg = SyntheticTaskConfig(num_train=500, num_val=0, num_rl=0, num_eval=0, max_ops=1, max_digits=1)
     with pytest.raises(ValueError, match="distinct 'train' problems"):
         generate_task(cfg)
+
+
+def test_exhausted_level_is_reported(caplog):
+    # One-operation, one-digit problems number ~135: the eval and rl splits take most of them, so the
+    # train split cannot hold its uniform half of that level and is filled with two-operation problems.
+    cfg = SyntheticTaskConfig(num_train=400, num_val=0, num_rl=100, num_eval=100, max_ops=2, max_digits=1)
+    with caplog.at_level("WARNING", logger="ceiling"):
+        task = generate_task(cfg)
+    one_op = sum(r["num_ops"] == 1 for r in task["train"])
+    assert one_op < 100
+    assert "split 'train'" in caplog.text and "(num_ops=1, num_digits=1)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ceiling"):
+        generate_task(SyntheticTaskConfig(**SMALL, max_ops=3, max_digits=2))
+    assert "too few distinct problems" not in caplog.text

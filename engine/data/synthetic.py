@@ -24,6 +24,7 @@ Answers stay non-negative: a subtraction never exceeds the current value.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -42,6 +43,8 @@ SUB_PHRASES = ("gives away {b}", "loses {b}", "sells {b}")
 MUL_PHRASES = {2: "doubles them", 3: "triples them"}
 
 Problem = tuple[int, tuple[tuple[str, int], ...]]  # (start, ((op, operand), ...)): the dedup key
+
+log = logging.getLogger("ceiling")
 
 
 @dataclass
@@ -208,7 +211,25 @@ def generate_task(cfg: SyntheticTaskConfig) -> dict[str, list[dict]]:
                 del row["response"]
             rows.append(row)
         out[split] = rows
+        _warn_short_levels(split, rows, lv, weights, mixes[split])
     return {split: out[split] for split in ("train", "val", "rl", "eval")}
+
+
+def _warn_short_levels(split: str, rows: list[dict], lv: list[tuple[int, int]], weights: list[float],
+                       mix: str) -> None:
+    """Warn when a level got far less than its share of the mix: it ran out of distinct problems (the
+    earlier splits took them), so rejection sampling silently filled the split with the other levels."""
+    counts = {level: 0 for level in lv}
+    for row in rows:
+        counts[(row["num_ops"], row["num_digits"])] += 1
+    total = sum(weights)
+    for level, w in zip(lv, weights):
+        expected = len(rows) * w / total
+        if expected >= 10 and counts[level] < 0.5 * expected:
+            log.warning("synthetic task: split '%s' has %d problems at level (num_ops=%d, num_digits=%d) where "
+                        "its '%s' mix asks for ~%d: the level has too few distinct problems left; the other "
+                        "levels filled the split (raise min_ops/min_digits to drop the level)",
+                        split, counts[level], level[0], level[1], mix, round(expected))
 
 
 def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:

@@ -194,6 +194,8 @@ class RLTrainer:
     def __init__(self, job: RLJobConfig):
         self.job, self.cfg = job, job.rl
         self.spec = ALGORITHMS[self.cfg.algorithm]
+        lo, hi = self.cfg.eps_low, self.cfg.eps_high  # clip range: the config's override, else the algorithm's
+        self._eps = (self.spec.eps_low if lo is None else lo, self.spec.eps_high if hi is None else hi)
         self.info = init_distributed(job.run.device)
         self.run_dir = make_run_dir(job.run.output_dir, job.run.name, job if self.info.is_main else None)
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -514,8 +516,6 @@ class RLTrainer:
         if self.state.get("stopped"):  # an earlier run already ended this branch early
             return self._summary()
         self.sync_rollout()
-        lo, hi = (cfg.eps_low, cfg.eps_high)
-        self._eps = (self.spec.eps_low if lo is None else lo, self.spec.eps_high if hi is None else hi)
         metrics = MetricsLogger(self.run_dir, tensorboard=self.job.run.tensorboard, enabled=info.is_main)
         bar = progress(cfg.steps, f"rl:{cfg.algorithm}", initial=self.step, enabled=info.is_main and self.job.run.progress)
         try:
