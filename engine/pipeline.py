@@ -170,11 +170,11 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from engine.config import load_config
-    from engine.metrics import setup_logging
+    from engine.cli import run_job
 
-    setup_logging()
-    job = load_config(args.config, RunJobConfig, args.overrides)
-    state = Pipeline(job).run()
-    print(f"report: {Path(job.run.output_dir) / job.run.name / 'report.md'}  (phases done: {', '.join(state['done'])})")
-    return 0
+    def run(job: RunJobConfig) -> None:
+        state = Pipeline(job).run()
+        print(f"report: {Path(job.run.output_dir) / job.run.name / 'report.md'}  "
+              f"(phases done: {', '.join(state['done'])})")
+
+    return run_job(args, RunJobConfig, run)

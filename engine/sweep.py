@@ -247,12 +247,11 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from engine.config import load_config
-    from engine.metrics import setup_logging
+    from engine.cli import run_job
 
-    setup_logging()
-    job = load_config(args.config, SweepJobConfig, args.overrides)
-    state = Sweep(job).run()
-    print(f"report: {Path(job.run.output_dir) / job.run.name / 'sweep_report.md'}  "
-          f"({len(state['done'])} items done)")
-    return 0
+    def run(job: SweepJobConfig) -> None:
+        state = Sweep(job).run()
+        print(f"report: {Path(job.run.output_dir) / job.run.name / 'sweep_report.md'}  "
+              f"({len(state['done'])} items done)")
+
+    return run_job(args, SweepJobConfig, run)

@@ -18,8 +18,15 @@ from pathlib import Path
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from engine.analysis import FitResult, ceiling_correlation, classify_subphases, fit_scene, load_scene
-from engine.analysis.early_stop import replay_branch
+from engine.analysis import (
+    FitResult,
+    ceiling_correlation,
+    classify_subphases,
+    fit_scene,
+    load_scene,
+    replay_scene,
+)
+from engine.analysis.report import early_stop_markdown
 from engine.report import GFLOPS_PER_EFLOPS, PHASE_COLORS
 
 plt_cmap = colormaps["Oranges"]
@@ -91,23 +98,6 @@ def scene_table(st: dict, results: dict, subphase: dict[int, str]) -> tuple[str,
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n", rows
 
 
-def early_stop_table(scene, sweep) -> str:
-    """Offline replay of the live early-stop rule over every finished branch: where it would have stopped,
-    the RL compute saved, and its A_post against the fit of the whole branch."""
-    lines = ["| SFT step | stop at eval | RL compute saved | A_post at stop | A_post (whole branch) | error |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for step in scene.steps:
-        try:
-            r = replay_branch(scene.branch(step), tol=sweep.tol, patience=sweep.patience, min_points=sweep.min_points)
-        except ValueError as e:  # e.g. a branch too short to replay
-            lines.append(f"| {step} | n/a ({e}) | | | | |")
-            continue
-        where = f"{r.points_used}/{r.n_total}" if r.stopped else f"not stopped ({r.n_total} evals)"
-        lines.append(f"| {step} | {where} | {100 * r.saved:.0f}% | {_n(r.a_post_stop)} | {_n(r.a_post_full)} | "
-                     f"{_n(r.error)} |")
-    return "\n".join(lines) + "\n"
-
-
 def plot_a_post(st: dict, rows: list[dict], labels: list[str], path: Path, title: str) -> None:
     history = st["sft"]["val_history"]
     xs = [_gf(h["exaflops"]) for h in history]
@@ -176,7 +166,9 @@ def write_sweep_report(job, root: Path, state: dict) -> Path:
         (out / "scene.json").write_text(json.dumps(raw, indent=1))
         scene = load_scene(out / "scene.json") if raw["rl"] else None
         results = fit_scene(scene) if scene is not None else {}
-        replay = early_stop_table(scene, job.sweep) if scene is not None else "No RL branch to replay.\n"
+        replay = "No RL branch to replay.\n" if scene is None else early_stop_markdown(
+            replay_scene(scene, tol=job.sweep.tol, patience=job.sweep.patience, min_points=job.sweep.min_points),
+            compute_unit="GFLOPs")
         table, rows = scene_table(st, results, subphase)
         (out / "table.md").write_text(f"### scene `{spec.name}`\n\n{table}")
         (out / "table.json").write_text(json.dumps(rows, indent=1))

@@ -214,21 +214,23 @@ def plot_a_post(rows: list[Row], path: Path, scene_name: str) -> Path:
 
 # ---- early stopping (engine.analysis.early_stop) ------------------------------------------------------
 
-EARLY_STOP_COLUMNS = ("SFT step", "points used/total", "EFLOPs used/total", "compute saved", "A_post at stop",
+EARLY_STOP_COLUMNS = ("SFT step", "points used/total", "{unit} used/total", "compute saved", "A_post at stop",
                       "A_post full", "abs. error", "last observed")
 
 
-def early_stop_markdown(results: list, title: str | None = None) -> str:
-    """The early-stop table of `early_stop.replay_scene` output, a summary line and why branches ran on."""
+def early_stop_markdown(results: list, title: str | None = None, compute_unit: str = "EFLOPs") -> str:
+    """The early-stop table of `early_stop.replay_scene` output, a summary line and why branches ran on.
+    `compute_unit` names the scene's compute unit (a `ceiling sweep` scene is in GFLOPs)."""
+    columns = [c.format(unit=compute_unit) for c in EARLY_STOP_COLUMNS]
     lines = [f"### {title}", ""] if title else []
-    lines.append("| " + " | ".join(EARLY_STOP_COLUMNS) + " |")
-    lines.append("|" + "|".join(" ---: " for _ in EARLY_STOP_COLUMNS) + "|")
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "|".join(" ---: " for _ in columns) + "|")
     for r in results:
         cells = [str(r.sft_step), f"{r.points_used}/{r.n_total}", f"{r.x_stop:.1f}/{r.x_total:.1f}",
                  f"{100 * r.saved:.1f}%", _num(r.a_post_stop), _num(r.a_post_full), _num(r.error),
                  _num(r.last_observed)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", early_stop_summary(results)]
+    lines += ["", early_stop_summary(results, compute_unit)]
     notes = [f"- step {r.sft_step}: {r.why_not_stopped()}" for r in results if not r.stopped]
     notes += [f"- step {r.sft_step}: reference fit failed: {r.reference_error}" for r in results
               if r.reference_error]
@@ -237,7 +239,7 @@ def early_stop_markdown(results: list, title: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def early_stop_summary(results: list) -> str:
+def early_stop_summary(results: list, compute_unit: str = "EFLOPs") -> str:
     """One line: branches stopped, compute saved over the scene, error of the stopped ones."""
     stopped = [r for r in results if r.stopped]
     total = sum(r.x_total for r in results)
@@ -246,7 +248,7 @@ def early_stop_summary(results: list) -> str:
     err = (f"|error| median {float(np.median(errors)):.2f}, max {max(errors):.2f} points" if errors
            else "no error to report")
     return (f"Stopped {len(stopped)} of {len(results)} branches early; {100 * saved:.1f}% of the scene's RL "
-            f"EFLOPs saved; {err} (A_post at the stop vs. the full-branch fit).")
+            f"{compute_unit} saved; {err} (A_post at the stop vs. the full-branch fit).")
 
 
 def write_early_stop_tables(results: list, out_dir: Path, title: str) -> dict[str, Path]:
