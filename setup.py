@@ -6,7 +6,7 @@ fail the install; it prints a warning instead.
 """
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 class OptionalBuildExt(build_ext):
@@ -18,6 +18,10 @@ class OptionalBuildExt(build_ext):
 
 
 setup(
+    # The repository keeps the kernels in triton_kernels/ (the design card's layout); they install under the
+    # import name `ceiling_kernels` so that vLLM's `import triton_kernels` never picks up ours.
+    packages=find_packages(include=["engine", "engine.*"]) + ["ceiling_kernels"],
+    package_dir={"ceiling_kernels": "triton_kernels"},
     ext_modules=[
         Pybind11Extension("engine._packing", ["csrc/packing.cpp"], cxx_std=17, extra_compile_args=["-O3"]),
     ],

@@ -4,7 +4,9 @@
 
 `measure(fn)` runs fn() `warmup` times, then `iters` timed runs (CUDA events on GPU, perf_counter on CPU)
 and returns the median time in ms and, on CUDA, the peak memory allocated during one call above what was
-allocated before it (minus `exclude_bytes`, e.g. the gradients the call is expected to produce).
+allocated before it (minus `exclude_bytes`, e.g. the gradients the call is expected to produce). `reset()`
+runs before that measured call (e.g. freeing the previous call's gradients, so they are not counted as
+already allocated and then subtracted again).
 `append_results` appends a markdown section to benchmarks/RESULTS.md (never rewrites it; others append too)
 with the device, versions, commit and date.
 """
@@ -41,7 +43,8 @@ def environment(device: torch.device) -> dict:
                 commit=commit, date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"))
 
 
-def measure(fn, device: torch.device, *, warmup: int = 3, iters: int = 10, exclude_bytes: int = 0) -> dict:
+def measure(fn, device: torch.device, *, warmup: int = 3, iters: int = 10, exclude_bytes: int = 0,
+            reset=None) -> dict:
     """Median ms over `iters` calls after `warmup`; peak bytes above the pre-call allocation (CUDA only)."""
     for _ in range(warmup):
         fn()
@@ -52,6 +55,8 @@ def measure(fn, device: torch.device, *, warmup: int = 3, iters: int = 10, exclu
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
         return dict(time_ms=statistics.median(times), peak_bytes=None)
+    if reset is not None:
+        reset()
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)

@@ -9,9 +9,14 @@ targets already shifted):
 Per token t (logp_t = log pi(target_t), H_t = entropy of pi at t, both from one fused pass):
 
     loss_t = sft_weight_t * (-logp_t) + pg_weight_t * PG_t - entropy_coef * H_t
-    PG_t   = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A),  r = exp(logp_t - old_logp_t)   (on-policy)
+    PG_t   = max(-r A, -clip(r, 1 - eps_low, 1 + eps_high) A),  r = exp(logp_t - old_logp_t)  (on-policy)
+             and, with clip_ratio_c = c (dual clip, verl's compute_policy_loss_vanilla), for A < 0:
+             PG_t = min(PG_t, -c A)
     PG_t   = -(pi / (pi + luffy_gamma)) A,  pi = exp(logp_t), behaviour prob 1, no clip      (off_policy_t)
     loss   = sum_t loss_mask_t * loss_t / normalizer
+
+logp and H are of the distribution the tokens were sampled from: softmax(logits / temperature)
+(`temperature=`, default 1; RL passes its sampling temperature so it trains the policy it samples from).
 
 Defaults: sft_weight 0, pg_weight 1, off_policy False; old_logp=None is a single on-policy update
 (old = logp.detach(), r = 1); normalizer = sum(loss_mask) of this call. Pass the token count of the
@@ -41,10 +46,13 @@ compacted away before the LM-head GEMMs). clip_frac_low / clip_frac_high are the
 on-policy tokens with pg_weight != 0 where the clip is active: A < 0 and r < 1 - eps_low / A > 0 and
 r > 1 + eps_high (0-d tensors, no host sync).
 
-Backends. CUDA tensors run the Triton kernels of `triton_kernels/linear_loss.py`; CPU tensors run them in
-the Triton interpreter when TRITON_INTERPRET=1 is set at call time, otherwise the chunked PyTorch path
-below (grads computed in forward per chunk of tokens, like the kernels, so CPU training never holds
-[T, V] logits either). `backend="triton" | "torch"` overrides; `chunk_size=` sets the rows per chunk.
+Values on tokens whose loss_mask is 0 (advantages, old_logp, weights) never reach the loss, NaN included.
+
+Backends. Both run the chunked pass of `triton_kernels/linear_loss.py` (installed as `ceiling_kernels`):
+cuBLAS GEMMs with fp32 logits per chunk, and the elementwise work in its Triton kernels ("triton": CUDA
+tensors, and CPU tensors when TRITON_INTERPRET=1 is set at call time) or in their plain-PyTorch twins
+("torch": CPU otherwise). `backend="triton" | "torch"` overrides; `chunk_size=` sets the rows per chunk;
+`grad_weight_accum="fp32" | "weight"` how grad_W is accumulated across chunks (see the kernel file).
 Under torch.no_grad (e.g. validation loss) no gradient work is done.
 
 Tests: TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/test_linear_loss.py -q
@@ -69,7 +77,7 @@ class PolicyLossOutput(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Per-token terms: the loss as a function of (logp_T, entropy_T) and its derivatives, shared by both backends.
+# Per-token terms: the loss as a function of (logp_T, entropy_T) and its derivatives (see the kernel file).
 
 
 def _normalizer(normalizer, mask_T):
@@ -77,6 +85,11 @@ def _normalizer(normalizer, mask_T):
                                                                       device=mask_T.device)
     norm = norm.to(torch.float32)
     return torch.where(norm == 0, torch.ones_like(norm), norm)
+
+
+def _masked(x, valid_T, dtype=torch.float32):
+    """x as fp32 with untrained tokens set to 0, so a NaN there cannot reach the loss."""
+    return None if x is None else torch.where(valid_T, x.to(dtype), 0)
 
 
 class _CrossEntropyTerms:
@@ -99,15 +112,18 @@ class _PolicyTerms:
     """loss = sum_t mask_t (sft_t (-logp_t) + pg_t PG_t(logp_t) - entropy_coef H_t) / norm."""
 
     def __init__(self, loss_mask, advantages, old_logp, sft_weight, pg_weight, off_policy, eps_low, eps_high,
-                 luffy_gamma, entropy_coef, normalizer):
-        mask_T = loss_mask.to(torch.float32)
+                 clip_ratio_c, luffy_gamma, entropy_coef, normalizer):
+        if clip_ratio_c is not None and not clip_ratio_c > 1:
+            raise ValueError(f"clip_ratio_c must be > 1 (verl's dual-clip bound), got {clip_ratio_c}")
+        self.valid_T = loss_mask != 0
+        mask_T = _masked(loss_mask, self.valid_T)
         self.scale_T = mask_T / _normalizer(normalizer, mask_T)
-        self.adv_T = advantages.to(torch.float32)
-        self.old_T = None if old_logp is None else old_logp.to(torch.float32)
-        self.sft_T = None if sft_weight is None else sft_weight.to(torch.float32)
-        self.pgw_T = None if pg_weight is None else pg_weight.to(torch.float32)
+        self.adv_T = _masked(advantages, self.valid_T)
+        self.old_T = _masked(old_logp, self.valid_T)
+        self.sft_T = _masked(sft_weight, self.valid_T)
+        self.pgw_T = _masked(pg_weight, self.valid_T)
         self.off_T = None if off_policy is None else off_policy.to(torch.bool)
-        self.eps_low, self.eps_high, self.gamma = eps_low, eps_high, luffy_gamma
+        self.eps_low, self.eps_high, self.clip_c, self.gamma = eps_low, eps_high, clip_ratio_c, luffy_gamma
         self.entropy_coef = float(entropy_coef)
         self.entropy_grad = self.entropy_coef != 0.0
 
@@ -119,6 +135,11 @@ class _PolicyTerms:
         pg1, pg2 = -adv * ratio, -adv * clipped
         pg = torch.maximum(pg1, pg2)
         dpg = torch.where(pg2 > pg1, 0.0, -adv * ratio)  # the clipped branch has no gradient
+        if self.clip_c is not None:  # dual clip: a negative advantage's loss is bounded by -c A
+            bound = -adv * self.clip_c
+            dual = (adv < 0) & (pg > bound)
+            pg = torch.where(dual, bound, pg)
+            dpg = torch.where(dual, 0.0, dpg)
         if self.off_T is not None:
             pi = torch.exp(logp)
             den = pi + self.gamma
@@ -143,10 +164,10 @@ class _PolicyTerms:
             loss_T = loss_T - self.sft_T * logp_T
         if self.entropy_coef != 0.0:
             loss_T = loss_T - self.entropy_coef * entropy_T
-        return (self.scale_T * loss_T).sum()
+        return (self.scale_T * torch.where(self.valid_T, loss_T, 0)).sum()
 
-    def clip_fractions(self, logp_T, valid_T):
-        on = valid_T
+    def clip_fractions(self, logp_T):
+        on = self.valid_T
         if self.off_T is not None:
             on = on & ~self.off_T
         if self.pgw_T is not None:
@@ -159,75 +180,6 @@ class _PolicyTerms:
         low = on & (self.adv_T < 0) & (ratio < 1 - self.eps_low)
         high = on & (self.adv_T > 0) & (ratio > 1 + self.eps_high)
         return low.sum() / n_on, high.sum() / n_on
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Chunked PyTorch path (CPU without Triton): same grads-in-forward scheme as the kernels.
-
-
-def _torch_forward(hidden_TH, weight_VH, targets_T, valid_T, terms, *, grad_hidden, grad_weight, chunk_size):
-    """Returns (loss, logp_T, entropy_T, grad_h, grad_w) like `triton_kernels.linear_loss.linear_loss_forward`.
-
-    Ignored tokens are compacted with nonzero() (a host sync, free on CPU). Per chunk of C valid tokens the
-    fp32 logits z_CV are formed once; grad_w accumulates in fp32.
-    """
-    T, H = hidden_TH.shape
-    V = weight_VH.shape[0]
-    idx_N = valid_T.nonzero()[:, 0]
-    w32 = weight_VH.float()
-    logp_T = torch.zeros(T, dtype=torch.float32, device=hidden_TH.device)
-    entropy_T = torch.zeros_like(logp_T)
-    grad_h = torch.zeros((T, H), dtype=torch.float32, device=hidden_TH.device) if grad_hidden else None
-    grad_w = torch.zeros((V, H), dtype=torch.float32, device=hidden_TH.device) if grad_weight else None
-    C = chunk_size or max(1, (256 << 20) // (8 * max(V, 1)))
-    for start in range(0, idx_N.numel(), C):
-        idx = idx_N[start:start + C]
-        h32 = hidden_TH[idx].float()
-        z = h32 @ w32.T
-        lse = torch.logsumexp(z, dim=1)
-        p = torch.exp(z - lse[:, None])
-        ez = (p * z).sum(dim=1)
-        tgt = targets_T[idx].long()
-        logp = z.gather(1, tgt[:, None])[:, 0] - lse
-        ent = lse - ez
-        logp_T[idx], entropy_T[idx] = logp, ent
-        if not (grad_hidden or grad_weight):
-            continue
-        c, e = terms.token_grads(idx, logp, ent)
-        g = -c[:, None] * p  # G = c (onehot - p) - e p (z - Ez)
-        g.scatter_add_(1, tgt[:, None], c[:, None])
-        if e is not None:
-            g -= e[:, None] * p * (z - ez[:, None])
-        if grad_hidden:
-            grad_h[idx] = g @ w32
-        if grad_weight:
-            grad_w.addmm_(g.T, h32)
-    loss = terms.loss(logp_T, entropy_T)
-    if grad_h is not None:
-        grad_h = grad_h.to(hidden_TH.dtype)
-    if grad_w is not None and weight_VH.dtype != torch.float16:
-        grad_w = grad_w.to(weight_VH.dtype)
-    return loss, logp_T, entropy_T, grad_h, grad_w
-
-
-class _ChunkedTorchFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden_TH, weight_VH, targets_T, valid_T, terms, chunk_size=None):
-        loss, logp_T, entropy_T, grad_h, grad_w = _torch_forward(
-            hidden_TH, weight_VH, targets_T, valid_T, terms, grad_hidden=ctx.needs_input_grad[0],
-            grad_weight=ctx.needs_input_grad[1], chunk_size=chunk_size)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.dtypes = (hidden_TH.dtype, weight_VH.dtype)
-        ctx.mark_non_differentiable(logp_T, entropy_T)
-        return loss, logp_T, entropy_T
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
-        grad_h, grad_w = ctx.saved_tensors
-        h_dtype, w_dtype = ctx.dtypes
-        grad_h = None if grad_h is None else grad_h.mul_(grad_loss.to(grad_h.dtype)).to(h_dtype)
-        grad_w = None if grad_w is None else grad_w.mul_(grad_loss.to(grad_w.dtype)).to(w_dtype)
-        return grad_h, grad_w, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -244,49 +196,50 @@ def _backend(hidden, backend):
     return "triton" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "torch"
 
 
-def _run(hidden, weight, targets, valid_T, terms, backend, chunk_size):
+def _run(hidden, weight, targets, valid_T, terms, backend, chunk_size, temperature, grad_weight_accum):
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"expected hidden [T, H] and weight [V, H], got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
     if targets.shape != hidden.shape[:1] or valid_T.shape != hidden.shape[:1]:
         raise ValueError(f"per-token tensors must be [T] = [{hidden.shape[0]}]")
-    targets = torch.where(valid_T, targets, 0)
-    which = _backend(hidden, backend)
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    if which == "triton":
-        from triton_kernels.linear_loss import LinearLossFunction, linear_loss_forward
+    from ceiling_kernels.linear_loss import LinearLossFunction, linear_loss_forward
 
-        fn, forward = LinearLossFunction, linear_loss_forward
-    else:
-        fn, forward = _ChunkedTorchFunction, _torch_forward
-    if grad:
-        return fn.apply(hidden, weight, targets, valid_T, terms, chunk_size)
-    loss, logp, entropy, _, _ = forward(hidden, weight, targets, valid_T, terms, grad_hidden=False,
-                                        grad_weight=False, chunk_size=chunk_size)
+    opts = dict(chunk_size=chunk_size, temperature=temperature, elementwise=_backend(hidden, backend),
+                grad_weight_accum=grad_weight_accum)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return LinearLossFunction.apply(hidden, weight, targets, valid_T, terms, opts)
+    loss, logp, entropy, _, _ = linear_loss_forward(hidden, weight, targets, valid_T, terms, grad_hidden=False,
+                                                    grad_weight=False, **opts)
     return loss, logp, entropy
 
 
-def linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction="mean", backend=None,
-                         chunk_size=None):
-    """Cross-entropy of softmax(hidden_TH @ weight_VH.T) against labels_T (already shifted).
+def linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction="mean", temperature=1.0,
+                         backend=None, chunk_size=None, grad_weight_accum="fp32"):
+    """Cross-entropy of softmax(hidden_TH @ weight_VH.T / temperature) against labels_T (already shifted).
 
     reduction "mean": mean over tokens with label != ignore_index (0 when there are none); "sum": their sum.
+    A label outside [0, vocab) other than ignore_index is an error.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     valid_T = labels != ignore_index
     loss, _, _ = _run(hidden, weight, labels, valid_T, _CrossEntropyTerms(valid_T, reduction), backend,
-                      chunk_size)
+                      chunk_size, temperature, grad_weight_accum)
     return loss
 
 
 def linear_policy_loss(hidden, weight, targets, *, advantages, loss_mask, old_logp=None, sft_weight=None,
-                       pg_weight=None, off_policy=None, eps_low=0.2, eps_high=0.2, luffy_gamma=0.1,
-                       entropy_coef=0.0, normalizer=None, backend=None, chunk_size=None) -> PolicyLossOutput:
-    """Per-token SFT / clipped-PG / LUFFY / entropy loss over packed tokens; see the module docstring."""
+                       pg_weight=None, off_policy=None, eps_low=0.2, eps_high=0.2, clip_ratio_c=None,
+                       luffy_gamma=0.1, entropy_coef=0.0, normalizer=None, temperature=1.0, backend=None,
+                       chunk_size=None, grad_weight_accum="fp32") -> PolicyLossOutput:
+    """Per-token SFT / clipped-PG / LUFFY / entropy loss over packed tokens; see the module docstring.
+
+    clip_ratio_c: the dual-clip bound (None: off; verl's default is 3, RETU's DAPO launcher sets 10).
+    temperature: logits are divided by it for logp, entropy and the gradients (the sampling temperature).
+    """
     terms = _PolicyTerms(loss_mask, advantages, old_logp, sft_weight, pg_weight, off_policy, eps_low, eps_high,
-                         luffy_gamma, entropy_coef, normalizer)
-    valid_T = loss_mask != 0
-    loss, logp, entropy = _run(hidden, weight, targets, valid_T, terms, backend, chunk_size)
-    clip_low, clip_high = terms.clip_fractions(logp, valid_T)
+                         clip_ratio_c, luffy_gamma, entropy_coef, normalizer)
+    loss, logp, entropy = _run(hidden, weight, targets, terms.valid_T, terms, backend, chunk_size, temperature,
+                               grad_weight_accum)
+    clip_low, clip_high = terms.clip_fractions(logp)
     return PolicyLossOutput(loss, logp, entropy, clip_low, clip_high)

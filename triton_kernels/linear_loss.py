@@ -1,47 +1,60 @@
 """Fused LM head + per-token loss: target log-prob, entropy and their gradients, no [T, V] logits.
 
-What it computes. For packed tokens t with hidden state h_t, LM-head weight W and target y_t:
+What it computes. For the trained tokens t (loss mask != 0) with hidden state h_t, LM-head weight W,
+target y_t and sampling temperature tau:
 
-    z_t      = W h_t                                  (logits, fp32 accumulators, never rounded to bf16)
-    lse_t    = log sum_v exp(z_tv)
-    logp_t   = z_{t,y_t} - lse_t                      (log-prob of the target)
-    entropy_t = lse_t - sum_v p_tv z_tv,   p_t = softmax(z_t)
+    z_t       = W h_t / tau                            (fp32 logits of one chunk of rows, never bf16)
+    lse_t     = log sum_v exp(z_tv)
+    logp_t    = z_{t,y_t} - lse_t                      (log-prob of the target)
+    entropy_t = lse_t - Ez_t,   Ez_t = sum_v p_tv z_tv,  p_t = softmax(z_t)
 
-and, for a loss L = sum_t f_t(logp_t, entropy_t) whose per-token derivatives
-c_t = dL/dlogp_t and e_t = dL/dentropy_t are supplied by the caller (`terms`, see below):
+and, for a loss L = sum_t f_t(logp_t, entropy_t) whose per-token derivatives c_t = dL/dlogp_t and
+e_t = dL/dentropy_t the caller supplies (`terms`, below):
 
-    dL/dz_tv = G_tv = c_t (onehot(y_t)_v - p_tv) - e_t p_tv (z_tv - sum_u p_tu z_tu)
-    dL/dh_t  = sum_v G_tv W_v          dL/dW_v = sum_t G_tv h_t
+    dL/d(W h_t)_v = G_tv = (c_t (onehot(y_t)_v - p_tv) - e_t p_tv (z_tv - Ez_t)) / tau
+    dL/dh_t = sum_v G_tv W_v          dL/dW_v = sum_t G_tv h_t
 
-The gradients are computed during the forward pass (one pass serves every algorithm: SFT, GRPO, DAPO,
+The gradients are computed during the forward pass: one pass serves every algorithm (SFT, GRPO, DAPO,
 LUFFY, SRFT, UPT differ only in c_t, e_t); the backward only scales them by grad_output.
 
-How. Tokens with nothing to learn (loss mask 0 / ignored label) are compacted without a host sync:
-rows are ordered valid-first by a stable argsort and every kernel reads the valid count `n_valid` from
-device memory, skipping blocks past it (no FLOPs on them). Rows are gathered / scattered through the
-permutation inside the kernels, so hidden is never copied. Per chunk of C sorted rows:
+How, per chunk of C trained rows (rows with nothing to learn are never touched; their indices come from
+one `nonzero`, so every GEMM is sized to the trained tokens):
 
-  1. `_linear_loss_fwd_kernel`, grid (C/BT, V/BV): z tile = h_tile @ W_tile^T with fp32 tl.dot, stored
-     to an fp32 chunk buffer z_CV (only when gradients are needed); per V tile the partial softmax
-     statistics (max m, sum exp(z-m), sum exp(z-m) z) and the target logit, read from the fp32
-     accumulator. Torch combines the per-tile partials into lse, logp, entropy ([C] vectors).
-  2. The caller's `terms.token_grads` turns (logp, entropy) into c_t, e_t (elementwise torch on [C]).
-  3. `_linear_loss_grad_logits_kernel`, elementwise over z_CV: G = (c (onehot - p) - e p (z - Ez)) / s in
-     fp32, stored in the compute dtype. s = max_t |c_t| + |e_t| keeps G O(1) so fp16 does not underflow;
-     the GEMMs below multiply by s again in fp32. The entropy term is a constexpr and compiles out when
-     no entropy gradient is requested (entropy is still returned as a metric).
-  4. `_linear_loss_grad_hidden_kernel`: grad_h[rows] = s G @ W (fp32 accumulation, scattered to the
-     original rows; masked rows stay 0).
-  5. `_linear_loss_grad_weight_kernel`: grad_W (+)= s G^T @ h_chunk, the token loop bounded by n_valid;
-     the first chunk writes, later chunks add in fp32 to the stored tile (grad_W is kept in the weight
-     dtype, fp32 for fp16 weights, so no separate V x H fp32 buffer exists).
+  1. GEMM (cuBLAS): z_CV = h_C @ W^T with fp32 output (`torch.mm(..., out_dtype=float32)` on CUDA for
+     bf16 inputs: bf16 operands, fp32 accumulate and store, so logits are never rounded to bf16).
+  2. `_row_stats_kernel` (Triton, one program per row, online softmax over V tiles): lse, logp, entropy,
+     Ez from z / tau in one read of z.
+  3. `terms.token_grads` (torch on [C] vectors): c_t, e_t.
+  4. `_grad_logits_kernel` (Triton, one program per row, V tiles in order): G, written IN PLACE over z
+     (bf16 G over the fp32 buffer: tile k writes bytes the sweep has already read), so no second buffer.
+  5. GEMM: grad_h[rows] = G @ W (fp32 output, scattered to the rows).
+  6. GEMM: grad_W += G^T @ h_C, accumulated in an fp32 buffer through cuBLAS's epilogue
+     (`addmm(..., out_dtype=float32)`): grad_W is read and written once per chunk, and rounded to the
+     weight dtype exactly once, in backward. `grad_weight_accum="weight"` accumulates in the weight dtype
+     instead (saves V*H*2 bytes for bf16; one bf16 rounding per chunk: relative error <= n_chunks * 2^-8
+     elementwise in the worst case, about sqrt(n_chunks) * 2^-9 rms; tested).
 
-Transient memory: z_CV (fp32) + G_CV (compute dtype) + O(C V / BV) partials; C is chosen from a byte
-budget (default 1 GiB, `chunk_size=` overrides). FLOPs: 6 T_valid H V, the three GEMMs.
+Budget at the Qwen2.5-7B head, T = 16384 trained tokens, H = 3584, V = 152064, bf16, one H100 SXM
+(~3.35 TB/s; the three cuBLAS GEMMs alone measured 76.5 ms there, the floor: 6 T H V = 5.36e13 FLOP):
+  | pass                    | FLOP     | bytes (all chunks)                      | predicted           |
+  |-------------------------|----------|-----------------------------------------|---------------------|
+  | 1 logits GEMM           | 2 T H V  | fp32 out 4 T V = 10.0 GB (epilogue)     | floor share, hidden |
+  | 2 row stats             | ~6 T V   | read 4 T V = 10.0 GB                    | 3.0-3.4 ms          |
+  | 4 grad logits (in place)| ~8 T V   | read 4 T V + write 2 T V = 15.0 GB      | 4.5-5.1 ms          |
+  | 5 grad_h GEMM           | 2 T H V  | G 2 T V, in floor                       | floor share         |
+  | 6 grad_W GEMM, fp32 acc | 2 T H V  | + 8 V H per chunk = 4.4 GB x 9 chunks   | hidden when the     |
+  |                         |          |                                         | GEMM is compute-bound (C >= ~1k) |
+  | token grads (torch)     | -        | ~15 tiny kernels per chunk              | ~0.7 ms             |
+  | backward scaling        | -        | grad_W fp32 -> bf16: 6 V H = 3.3 GB     | 1.0 ms              |
+  Predicted total ~87 ms = 1.13x the floor (1.28x if the grad_W epilogue were not hidden at all).
+  Transient memory: z chunk (C V 4 B; default budget 1 GiB -> C = 1765 rows here) + the fp32 grad_W
+  buffer beyond the bf16 grad (V H 2 B = 1.02 GiB; 0 with grad_weight_accum="weight") + fp32 grad_h
+  (T H 4 B = 0.22 GiB). None of these predictions has been measured yet: no GPU was lent to the session
+  that wrote this design (benchmarks/gpu_check.sh measures it).
 
-Shapes (suffix legend): T tokens, H hidden, V vocab, C chunk rows, P = cdiv(V, BLOCK_V) V tiles.
-  hidden h_TH, weight w_VH (row-major, may be a tied embedding), targets_T (int), valid_T (bool),
-  z_CV fp32 chunk logits, g_CV chunk dL/dz, m_CP / s_CP / sz_CP softmax partials, logp_T / entropy_T fp32.
+Shapes (suffix legend): T tokens, N trained tokens, H hidden, V vocab, C chunk rows.
+  hidden h_TH, weight w_VH (may be a tied embedding), targets_T (int), valid_T (bool), idx_N (int64),
+  z_CV fp32 chunk logits (G overwrites it), logp_T / entropy_T fp32.
 
 `terms` is any object with
   - `token_grads(idx_C, logp_C, entropy_C) -> (dlogp_C, dentropy_C or None)`: dL/dlogp and dL/dentropy for
@@ -50,14 +63,16 @@ Shapes (suffix legend): T tokens, H hidden, V vocab, C chunk rows, P = cdiv(V, B
   - `entropy_grad: bool`: whether dentropy can be non-zero (compiles the entropy gradient in).
 `engine/losses.py` builds these for cross-entropy and the policy losses.
 
-CPU: with TRITON_INTERPRET=1 the same kernels run on CPU tensors (bf16 tl.dot operands are upcast there,
-the interpreter's bf16 dot is wrong). Tests:
+Elementwise backends: "triton" (the two kernels; on CPU they run with TRITON_INTERPRET=1) and "torch"
+(`_row_stats_torch` / `_grad_logits_torch`, the same math in plain PyTorch, for CPU without the
+interpreter). The GEMMs are torch in both. Tests:
     TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/test_linear_loss.py -q
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -65,293 +80,250 @@ import triton.language as tl
 
 
 @triton.jit
-def _linear_loss_fwd_kernel(
-    h_ptr, w_ptr, order_ptr, tgt_ptr, n_valid_ptr,
-    z_ptr, m_ptr, s_ptr, sz_ptr, zt_ptr,
-    row_start, n_rows, H, V, stride_h, stride_w, stride_z, stride_p,
-    STORE_Z: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """One (row block, V tile): fp32 logits tile, optional store, softmax partials, target logit."""
-    pid_t = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    n_valid = tl.load(n_valid_ptr)
-    if row_start + pid_t * BLOCK_T >= n_valid:
-        return
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_mask = (rows < n_rows) & (row_start + rows < n_valid)
-    tok = tl.load(order_ptr + row_start + rows, mask=row_mask, other=0).to(tl.int64)
-    tgt = tl.load(tgt_ptr + row_start + rows, mask=row_mask, other=-1)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < V
-    ks = tl.arange(0, BLOCK_K)
-    a_ptrs = h_ptr + tok[:, None] * stride_h + ks[None, :]
-    b_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_w + ks[:, None]
-    acc = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        k_mask = (k0 + ks) < H
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    if STORE_Z:
-        z_ptrs = z_ptr + rows[:, None].to(tl.int64) * stride_z + cols[None, :]
-        tl.store(z_ptrs, acc, mask=row_mask[:, None] & col_mask[None, :])
-    z = tl.where(col_mask[None, :], acc, float("-inf"))
-    m = tl.max(z, axis=1)
-    e = tl.exp(z - m[:, None])
-    s = tl.sum(e, axis=1)
-    sz = tl.sum(tl.where(col_mask[None, :], e * acc, 0.0), axis=1)
-    p_off = rows * stride_p + pid_v
-    tl.store(m_ptr + p_off, m, mask=row_mask)
-    tl.store(s_ptr + p_off, s, mask=row_mask)
-    tl.store(sz_ptr + p_off, sz, mask=row_mask)
-    # The target logit comes from the fp32 accumulator of the one tile that holds it.
-    is_tgt = cols[None, :] == tgt[:, None]
-    zt = tl.sum(tl.where(is_tgt, acc, 0.0), axis=1)
-    in_tile = (tgt >= pid_v * BLOCK_V) & (tgt < pid_v * BLOCK_V + BLOCK_V)
-    tl.store(zt_ptr + rows, zt, mask=row_mask & in_tile)
+def _row_stats_kernel(z_ptr, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, ez_ptr, V, stride_z, inv_t,
+                      BLOCK_V: tl.constexpr):
+    """One row: online max / sum exp / sum exp*z over V tiles of z / tau, then lse, logp, entropy, Ez."""
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    m = float("-inf")
+    s = 0.0
+    sz = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        z = tl.load(z_row + cols, mask=mask, other=float("-inf")) * inv_t
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z - m_new)
+        s = s * alpha + tl.sum(e, axis=0)
+        sz = sz * alpha + tl.sum(e * tl.where(mask, z, 0.0), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    ez = sz / s
+    tgt = tl.load(tgt_ptr + row).to(tl.int64)
+    zt = tl.load(z_row + tgt) * inv_t
+    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, zt - lse)
+    tl.store(ent_ptr + row, lse - ez)
+    tl.store(ez_ptr + row, ez)
 
 
 @triton.jit
-def _linear_loss_grad_logits_kernel(
-    z_ptr, g_ptr, tgt_ptr, lse_ptr, ez_ptr, c_ptr, e_ptr, scale_ptr, n_valid_ptr,
-    row_start, n_rows, V, stride_z, stride_g,
-    HAS_ENTROPY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    """G = (c (onehot - p) - e p (z - Ez)) / s for one (row block, V tile), fp32 until the store."""
-    pid_t = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    n_valid = tl.load(n_valid_ptr)
-    if row_start + pid_t * BLOCK_T >= n_valid:
-        return
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_mask = (rows < n_rows) & (row_start + rows < n_valid)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask = row_mask[:, None] & (cols < V)[None, :]
-    inv_s = 1.0 / tl.load(scale_ptr)
-    tgt = tl.load(tgt_ptr + row_start + rows, mask=row_mask, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    c = tl.load(c_ptr + rows, mask=row_mask, other=0.0) * inv_s
-    z = tl.load(z_ptr + rows[:, None].to(tl.int64) * stride_z + cols[None, :], mask=mask, other=0.0)
-    p = tl.exp(z - lse[:, None])
-    g = tl.where(cols[None, :] == tgt[:, None], c[:, None], 0.0) - c[:, None] * p
+def _grad_logits_kernel(z_ptr, g_ptr, tgt_ptr, lse_ptr, ez_ptr, c_ptr, e_ptr, V, stride_z, stride_g, inv_t,
+                        HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One row: G = (c (onehot - p) - e p (z - Ez)) / tau, V tiles in order (G may overwrite z in place)."""
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    g_row = g_ptr + row * stride_g
+    tgt = tl.load(tgt_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    c = tl.load(c_ptr + row) * inv_t
     if HAS_ENTROPY:
-        ez = tl.load(ez_ptr + rows, mask=row_mask, other=0.0)
-        e = tl.load(e_ptr + rows, mask=row_mask, other=0.0) * inv_s
-        g -= e[:, None] * p * (z - ez[:, None])
-    tl.store(g_ptr + rows[:, None].to(tl.int64) * stride_g + cols[None, :],
-             g.to(g_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _linear_loss_grad_hidden_kernel(
-    g_ptr, w_ptr, gh_ptr, order_ptr, scale_ptr, n_valid_ptr,
-    row_start, n_rows, H, V, stride_g, stride_w, stride_gh,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """grad_h[order[rows]] = s * G[rows] @ W, reduced over V in fp32."""
-    pid_t = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    n_valid = tl.load(n_valid_ptr)
-    if row_start + pid_t * BLOCK_T >= n_valid:
-        return
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_mask = (rows < n_rows) & (row_start + rows < n_valid)
-    hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_mask = hs < H
-    ks = tl.arange(0, BLOCK_K)
-    a_ptrs = g_ptr + rows[:, None].to(tl.int64) * stride_g + ks[None, :]
-    b_ptrs = w_ptr + ks[:, None].to(tl.int64) * stride_w + hs[None, :]
-    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, V, BLOCK_K):
-        k_mask = (k0 + ks) < V
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & h_mask[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_w
-    acc *= tl.load(scale_ptr)
-    tok = tl.load(order_ptr + row_start + rows, mask=row_mask, other=0).to(tl.int64)
-    tl.store(gh_ptr + tok[:, None] * stride_gh + hs[None, :], acc.to(gh_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & h_mask[None, :])
-
-
-@triton.jit
-def _linear_loss_grad_weight_kernel(
-    g_ptr, h_ptr, gw_ptr, order_ptr, scale_ptr, n_valid_ptr,
-    row_start, n_rows, H, V, stride_g, stride_h, stride_gw,
-    ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """grad_W[tile] (+)= s * G[:n, tile]^T @ h[order[:n]], n = valid rows of this chunk (device value)."""
-    pid_v = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    n_valid = tl.load(n_valid_ptr)
-    n = tl.minimum(n_rows, n_valid - row_start)
-    if ACCUMULATE:
-        if n <= 0:
-            return
-    vs = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    v_mask = vs < V
-    hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_mask = hs < H
-    ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_V, BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, n, BLOCK_K):
-        k_mask = (k0 + ks) < n
-        tok = tl.load(order_ptr + row_start + k0 + ks, mask=k_mask, other=0).to(tl.int64)
-        a = tl.load(g_ptr + (k0 + ks)[None, :].to(tl.int64) * stride_g + vs[:, None],
-                    mask=v_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(h_ptr + tok[:, None] * stride_h + hs[None, :], mask=k_mask[:, None] & h_mask[None, :],
-                    other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    acc *= tl.load(scale_ptr)
-    gw_ptrs = gw_ptr + vs[:, None].to(tl.int64) * stride_gw + hs[None, :]
-    mask = v_mask[:, None] & h_mask[None, :]
-    if ACCUMULATE:
-        acc += tl.load(gw_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(gw_ptrs, acc.to(gw_ptr.dtype.element_ty), mask=mask)
+        ez = tl.load(ez_ptr + row)
+        e = tl.load(e_ptr + row) * inv_t
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        z = tl.load(z_row + cols, mask=mask, other=0.0) * inv_t
+        p = tl.exp(z - lse)
+        g = tl.where(cols == tgt, c, 0.0) - c * p
+        if HAS_ENTROPY:
+            g -= e * p * (z - ez)
+        tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _blocks(interpret: bool) -> dict:
-    """Tile sizes: small in the CPU interpreter (speed), GEMM-sized on GPU."""
-    if interpret:
-        return dict(fwd=(32, 128, 64), logits=(32, 256), gh=(32, 64, 256), gw=(128, 64, 32), warps=1, stages=1)
-    return dict(fwd=(128, 128, 64), logits=(16, 512), gh=(128, 128, 64), gw=(128, 128, 64), warps=8, stages=3)
+def _block_v(V: int) -> int:
+    """V tile of the row kernels: small in the CPU interpreter (speed), 4096 on GPU (16 KiB of fp32 per load)."""
+    cap = 256 if _interpreting() else 4096
+    return min(cap, triton.next_power_of_2(max(V, 16)))
 
 
-def default_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, budget_bytes: int = 1 << 30) -> int:
-    """Rows per chunk so that z_CV (fp32) + G_CV (compute dtype) fit in `budget_bytes`, a multiple of 128."""
-    per_row = vocab * (4 + torch.empty((), dtype=dtype).element_size()) + 48 * triton.cdiv(vocab, 128)
-    rows = max(128, budget_bytes // per_row // 128 * 128)
+def row_stats_triton(z_CV, tgt_C, inv_t, block_v=None):
+    """(lse, logp, entropy, Ez) per row of z_CV / tau, fp32 [C] each."""
+    C, V = z_CV.shape
+    out = torch.empty((4, C), dtype=z_CV.dtype, device=z_CV.device)
+    if C:
+        bv = block_v or _block_v(V)
+        _row_stats_kernel[(C,)](z_CV, tgt_C, out[0], out[1], out[2], out[3], V, z_CV.stride(0), inv_t,
+                                BLOCK_V=bv, num_warps=1 if _interpreting() else 8)
+    return out[0], out[1], out[2], out[3]
+
+
+def grad_logits_triton(z_CV, g_CV, tgt_C, lse_C, ez_C, c_C, e_C, inv_t, block_v=None):
+    """Write G (see the module docstring) into g_CV, which may alias z_CV (in place)."""
+    C, V = z_CV.shape
+    if C:
+        bv = block_v or _block_v(V)
+        _grad_logits_kernel[(C,)](z_CV, g_CV, tgt_C, lse_C, ez_C, c_C, c_C if e_C is None else e_C, V,
+                                  z_CV.stride(0), g_CV.stride(0), inv_t, HAS_ENTROPY=e_C is not None,
+                                  BLOCK_V=bv, num_warps=1 if _interpreting() else 8)
+
+
+def row_stats_torch(z_CV, tgt_C, inv_t, block_v=None):
+    """Plain-PyTorch twin of `row_stats_triton`."""
+    z = z_CV * inv_t
+    lse = torch.logsumexp(z, dim=1)
+    ez = (torch.softmax(z, dim=1) * z).sum(dim=1)
+    logp = z.gather(1, tgt_C.long()[:, None])[:, 0] - lse
+    return lse, logp, lse - ez, ez
+
+
+def grad_logits_torch(z_CV, g_CV, tgt_C, lse_C, ez_C, c_C, e_C, inv_t, block_v=None):
+    """Plain-PyTorch twin of `grad_logits_triton` (materialises C x V temporaries; CPU only)."""
+    z = z_CV * inv_t
+    p = torch.exp(z - lse_C[:, None])
+    c = c_C * inv_t
+    g = -c[:, None] * p
+    g.scatter_add_(1, tgt_C.long()[:, None], c[:, None])
+    if e_C is not None:
+        g -= (e_C * inv_t)[:, None] * p * (z - ez_C[:, None])
+    g_CV.copy_(g)
+
+
+ELEMENTWISE = {"triton": (row_stats_triton, grad_logits_triton), "torch": (row_stats_torch, grad_logits_torch)}
+
+
+# ---------------------------------------------------------------------------------------------- GEMMs
+
+_OUT_DTYPE_OK: bool | None = None
+
+
+def _fp32_out_gemm_available(device: torch.device) -> bool:
+    """Whether torch.mm(bf16, bf16, out_dtype=float32) runs here (CUDA, torch >= 2.8)."""
+    global _OUT_DTYPE_OK
+    if device.type != "cuda":
+        return False
+    if _OUT_DTYPE_OK is None:
+        try:  # the exact calls _mm_acc / _addmm_acc make
+            a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+            acc = torch.zeros(2, 2, dtype=torch.float32, device=device)
+            torch.mm(a, a, out_dtype=torch.float32, out=acc)
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            _OUT_DTYPE_OK = bool((acc == 4).all())
+        except (RuntimeError, TypeError):
+            _OUT_DTYPE_OK = False
+            warnings.warn("torch.mm(..., out_dtype=float32) is unavailable: the fused loss upcasts its GEMM "
+                          "operands to fp32 (correct, slower); use torch >= 2.8", stacklevel=3)
+    return _OUT_DTYPE_OK
+
+
+def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """Operand dtype of the three GEMMs: bf16 where cuBLAS can write fp32 output from it; fp64 stays fp64
+    (a chunked float64 reference for the benchmarks); everything else runs in fp32."""
+    if dtype == torch.bfloat16 and _fp32_out_gemm_available(device):
+        return torch.bfloat16
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _mm_acc(a, b, out):
+    """out = a @ b with out's (fp32 / fp64) accumulation and output dtype."""
+    if a.dtype == out.dtype:
+        return torch.mm(a, b, out=out)
+    return torch.mm(a, b, out_dtype=out.dtype, out=out)  # CUDA: bf16 operands, fp32 output
+
+
+def _addmm_acc(acc, a, b):
+    """acc += a @ b in cuBLAS's epilogue: acc is read and written once."""
+    if a.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    return torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def default_chunk_size(n_tokens: int, vocab: int, budget_bytes: int = 1 << 30) -> int:
+    """Rows per chunk so that the fp32 chunk logits z_CV fit in `budget_bytes` (G overwrites them)."""
+    rows = max(128, budget_bytes // (4 * max(vocab, 1)))
     return max(1, min(rows, n_tokens))
 
 
-def linear_loss_forward(hidden_TH, weight_VH, targets_T, valid_T, terms, *, grad_hidden=True,
-                        grad_weight=True, chunk_size=None):
-    """Run the fused pass. Returns (loss, logp_T, entropy_T, grad_h_TH or None, grad_w_VH or None).
+def linear_loss_forward(hidden_TH, weight_VH, targets_T, valid_T, terms, *, grad_hidden=True, grad_weight=True,
+                        chunk_size=None, temperature=1.0, elementwise="triton", grad_weight_accum="fp32",
+                        block_v=None):
+    """Run the fused pass. Returns (loss, logp_T, entropy_T, grad_h or None, grad_w or None).
 
-    logp_T / entropy_T are fp32 and 0 where `valid_T` is False. Gradients are those of `loss` (grad_output 1);
-    grad_w is fp32 when the weight is fp16 (so small gradients do not underflow), else the weight dtype.
-    No host synchronisation: the valid count stays on the device.
+    logp_T / entropy_T are fp32 (fp64 for fp64 inputs) of softmax(z / temperature), 0 where `valid_T` is False.
+    The gradients are those of `loss` (grad_output 1): grad_h fp32 [T, H]; grad_w fp32 [V, H] (bf16 with
+    grad_weight_accum="weight" on the CUDA bf16 path). One host sync: the nonzero() listing the trained rows.
     """
     if hidden_TH.dtype != weight_VH.dtype:
         raise TypeError(f"hidden ({hidden_TH.dtype}) and weight ({weight_VH.dtype}) must share a dtype")
+    if grad_weight_accum not in ("fp32", "weight"):
+        raise ValueError(f"grad_weight_accum must be 'fp32' or 'weight', got {grad_weight_accum!r}")
+    if not (temperature > 0):
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    stats_fn, grad_fn = ELEMENTWISE[elementwise]
     T, H = hidden_TH.shape
     V = weight_VH.shape[0]
     dev = hidden_TH.device
-    h = hidden_TH if hidden_TH.stride(1) == 1 else hidden_TH.contiguous()
-    w = weight_VH if weight_VH.stride(1) == 1 else weight_VH.contiguous()
-    need_grad = grad_hidden or grad_weight
-    interpret = _interpreting()
-    cfg = _blocks(interpret)
-    upcast = interpret and h.dtype == torch.bfloat16
-    precision = "tf32" if (h.is_cuda and torch.backends.cuda.matmul.allow_tf32) else "ieee"
-    gw_dtype = torch.float32 if w.dtype == torch.float16 else w.dtype
-
+    inv_t = 1.0 / float(temperature)
     valid_T = valid_T.to(torch.bool)
-    order_T = torch.argsort((~valid_T).to(torch.int8), stable=True)  # valid rows first
-    n_valid = valid_T.sum().to(torch.int32).reshape(1)
-    tgt_sorted = torch.where(valid_T, targets_T, 0).to(torch.int32)[order_T].contiguous()
+    idx_N = valid_T.nonzero()[:, 0]
+    N = idx_N.numel()
+    tgt_N = targets_T[idx_N]
+    if N:
+        in_range = ((tgt_N >= 0) & (tgt_N < V)).all()
+        if dev.type == "cuda":
+            torch._assert_async(in_range, "linear loss: a trained target is outside [0, vocab)")
+        elif not bool(in_range):
+            bad = tgt_N[(tgt_N < 0) | (tgt_N >= V)][0].item()
+            raise ValueError(f"target {bad} of a trained token is outside [0, {V}) (vocab size)")
+    tgt_N = tgt_N.to(torch.int32)
 
-    logp_sorted = torch.zeros(T, dtype=torch.float32, device=dev)
-    ent_sorted = torch.zeros(T, dtype=torch.float32, device=dev)
-    grad_h = torch.zeros_like(h) if grad_hidden else None
-    grad_w = (torch.zeros(w.shape, dtype=gw_dtype, device=dev) if T == 0 else
-              torch.empty(w.shape, dtype=gw_dtype, device=dev)) if grad_weight else None
+    gdt = gemm_dtype(hidden_TH.dtype, dev)
+    fdt = torch.float64 if gdt == torch.float64 else torch.float32  # logits, statistics, accumulators
+    w = weight_VH.to(gdt)  # no copy when the dtypes agree (the CUDA bf16 path)
+    logp_T = torch.zeros(T, dtype=fdt, device=dev)
+    entropy_T = torch.zeros(T, dtype=fdt, device=dev)
+    need_grad = grad_hidden or grad_weight
+    grad_h = torch.zeros((T, H), dtype=fdt, device=dev) if grad_hidden else None
+    acc_dtype = gdt if (grad_weight_accum == "weight" and gdt == torch.bfloat16) else fdt
+    grad_w = torch.zeros((V, H), dtype=acc_dtype, device=dev) if grad_weight else None
 
-    C = chunk_size or default_chunk_size(T, V, h.dtype)
-    C = max(1, min(C, T))
-    BT, BV, BK = cfg["fwd"]
-    P = triton.cdiv(V, BV)
-    m_CP = torch.empty((C, P), dtype=torch.float32, device=dev)
-    s_CP = torch.empty_like(m_CP)
-    sz_CP = torch.empty_like(m_CP)
-    zt_C = torch.empty(C, dtype=torch.float32, device=dev)
-    z_CV = torch.empty((C, V), dtype=torch.float32, device=dev) if need_grad else m_CP
-    g_CV = torch.empty((C, V), dtype=h.dtype, device=dev) if need_grad else None
-    rows_C = torch.arange(C, device=dev)
-    kw = dict(num_warps=cfg["warps"], num_stages=cfg["stages"])
-
-    for start in range(0, T, C):
-        n = min(C, T - start)
-        ok_C = (start + rows_C[:n]) < n_valid
-        _linear_loss_fwd_kernel[(triton.cdiv(n, BT), P)](
-            h, w, order_T, tgt_sorted, n_valid, z_CV, m_CP, s_CP, sz_CP, zt_C,
-            start, n, H, V, h.stride(0), w.stride(0), z_CV.stride(0), P,
-            STORE_Z=need_grad, UPCAST=upcast, DOT_PRECISION=precision,
-            BLOCK_T=BT, BLOCK_V=BV, BLOCK_K=BK, **kw)
-        # Combine per-tile partials; rows past n_valid hold garbage and are masked out.
-        m, s, sz = m_CP[:n], s_CP[:n], sz_CP[:n]
-        mx = m.max(dim=1).values
-        scale = torch.exp(m - mx[:, None])
-        tot = (s * scale).sum(dim=1)
-        lse = mx + torch.log(tot)
-        ez = (sz * scale).sum(dim=1) / tot
-        logp = torch.where(ok_C, zt_C[:n] - lse, 0.0)
-        ent = torch.where(ok_C, lse - ez, 0.0)
-        logp_sorted[start:start + n] = logp
-        ent_sorted[start:start + n] = ent
+    C = max(1, min(chunk_size or default_chunk_size(N, V), max(N, 1)))
+    z_buf = torch.empty((C, V), dtype=fdt, device=dev) if N else None
+    for start in range(0, N, C):
+        idx = idx_N[start:start + C]
+        n = idx.numel()
+        h_C = hidden_TH.index_select(0, idx).to(gdt)
+        z = _mm_acc(h_C, w.T, z_buf[:n])
+        tgt = tgt_N[start:start + n]
+        lse, logp, ent, ez = stats_fn(z, tgt, inv_t, block_v)
+        logp_T[idx] = logp
+        entropy_T[idx] = ent
         if not need_grad:
             continue
-        c, e = terms.token_grads(order_T[start:start + n], logp, ent)
-        c = torch.where(ok_C, c.float(), 0.0)
-        s_scale = c.abs().amax()
-        if e is not None:
-            e = torch.where(ok_C, e.float(), 0.0)
-            s_scale = s_scale + e.abs().amax()
-        s_scale = torch.where(s_scale > 0, s_scale, 1.0).reshape(1).contiguous()
-        LT, LV = cfg["logits"]
-        _linear_loss_grad_logits_kernel[(triton.cdiv(n, LT), triton.cdiv(V, LV))](
-            z_CV, g_CV, tgt_sorted, lse.contiguous(), ez.contiguous(), c.contiguous(),
-            c if e is None else e.contiguous(), s_scale, n_valid,
-            start, n, V, z_CV.stride(0), g_CV.stride(0),
-            HAS_ENTROPY=e is not None, BLOCK_T=LT, BLOCK_V=LV, num_warps=cfg["warps"])
+        c, e = terms.token_grads(idx, logp, ent)
+        c = c.to(fdt).contiguous()
+        e = None if e is None else e.to(fdt).contiguous()
+        g = z if gdt == fdt else z.view(gdt)[:, :V]  # in place: G overwrites the logits
+        grad_fn(z, g, tgt, lse, ez, c, e, inv_t, block_v)
         if grad_hidden:
-            GT, GH, GK = cfg["gh"]
-            _linear_loss_grad_hidden_kernel[(triton.cdiv(n, GT), triton.cdiv(H, GH))](
-                g_CV, w, grad_h, order_T, s_scale, n_valid,
-                start, n, H, V, g_CV.stride(0), w.stride(0), grad_h.stride(0),
-                UPCAST=upcast, DOT_PRECISION=precision, BLOCK_T=GT, BLOCK_H=GH, BLOCK_K=GK, **kw)
+            grad_h.index_copy_(0, idx, _mm_acc(g, w, torch.empty((n, H), dtype=fdt, device=dev)))
         if grad_weight:
-            WV, WH, WK = cfg["gw"]
-            _linear_loss_grad_weight_kernel[(triton.cdiv(V, WV), triton.cdiv(H, WH))](
-                g_CV, h, grad_w, order_T, s_scale, n_valid,
-                start, n, H, V, g_CV.stride(0), h.stride(0), grad_w.stride(0),
-                ACCUMULATE=start > 0, UPCAST=upcast, DOT_PRECISION=precision,
-                BLOCK_V=WV, BLOCK_H=WH, BLOCK_K=WK, **kw)
-
-    logp_T = torch.empty_like(logp_sorted).index_copy_(0, order_T, logp_sorted)
-    entropy_T = torch.empty_like(ent_sorted).index_copy_(0, order_T, ent_sorted)
+            _addmm_acc(grad_w, g.T, h_C)
     loss = terms.loss(logp_T, entropy_T)
     return loss, logp_T, entropy_T, grad_h, grad_w
 
 
 class LinearLossFunction(torch.autograd.Function):
-    """loss, logp_T, entropy_T = LinearLossFunction.apply(hidden_TH, weight_VH, targets_T, valid_T, terms,
-    chunk_size); gradients for hidden / weight are computed in forward and scaled by grad_output here."""
+    """loss, logp_T, entropy_T = LinearLossFunction.apply(hidden_TH, weight_VH, targets_T, valid_T, terms, opts).
+
+    Gradients are computed in forward (`linear_loss_forward`, with the keyword options `opts`) and saved;
+    backward returns them times grad_output, rounded once to the input dtypes. The saved gradients are never
+    modified, so a second backward (retain_graph=True) gives the same result.
+    """
 
     @staticmethod
-    def forward(ctx, hidden_TH, weight_VH, targets_T, valid_T, terms, chunk_size=None):
+    def forward(ctx, hidden_TH, weight_VH, targets_T, valid_T, terms, opts):
         loss, logp_T, entropy_T, grad_h, grad_w = linear_loss_forward(
             hidden_TH, weight_VH, targets_T, valid_T, terms, grad_hidden=ctx.needs_input_grad[0],
-            grad_weight=ctx.needs_input_grad[1], chunk_size=chunk_size)
+            grad_weight=ctx.needs_input_grad[1], **opts)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden_TH.dtype, weight_VH.dtype)
         ctx.mark_non_differentiable(logp_T, entropy_T)
@@ -359,15 +331,16 @@ class LinearLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
-        return (*scale_saved_grads(ctx, grad_loss), None, None, None, None)
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        return scale_grad(grad_h, grad_loss, h_dtype), scale_grad(grad_w, grad_loss, w_dtype), None, None, None, None
 
 
-def scale_saved_grads(ctx, grad_loss):
-    """Multiply the grads computed in forward by grad_output in place (no host sync, no copy)."""
-    grad_h, grad_w = ctx.saved_tensors
-    h_dtype, w_dtype = ctx.dtypes
-    if grad_h is not None:
-        grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype)).to(h_dtype)
-    if grad_w is not None:
-        grad_w = grad_w.mul_(grad_loss.to(grad_w.dtype)).to(w_dtype)
-    return grad_h, grad_w
+def scale_grad(grad, grad_loss, dtype):
+    """grad * grad_output in fp32, rounded once to `dtype`, into a new tensor (the saved grad is untouched)."""
+    if grad is None:
+        return None
+    if grad.dtype not in (torch.float32, torch.float64):  # grad_weight_accum="weight": scale in fp32 all the same
+        return (grad.float() * grad_loss.float()).to(dtype)
+    out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
+    return torch.mul(grad, grad_loss.to(grad.dtype), out=out)
