@@ -1,102 +1,146 @@
-"""SFT step throughput: the engine's packed step against plain transformers with padding, same sequences.
+"""SFT step throughput: the engine's real `SFTTrainer.train_step` against the plain-transformers recipes, same data.
 
     python benchmarks/bench_sft.py                                    # GPU: Qwen2.5-1.5B and 0.5B shapes
     python benchmarks/bench_sft.py --model-config configs/models/qwen2.5-0.5b.json --micro-batch-tokens 8192
     python benchmarks/bench_sft.py --smoke                            # CPU, tiny model: checks the script runs
 
-Both sides train a randomly initialised model on the same lognormal-length sequences (mean ~900 tokens,
-as in the issue's anchor) for `--steps` optimizer steps after `--warmup`:
-  engine       packed micro-batches of at most `--micro-batch-tokens` (FFD), packed attention, the fused
-               LM-head loss, FSDP2 (world of one) with bf16 compute and fp32 master weights, AdamW
-  transformers padded micro-batches of `--pad-batch` sequences, `model(input_ids, attention_mask,
-               labels).loss` (SDPA, full logits), bf16 autocast over fp32 weights, AdamW
-tokens/s counts real (non-pad) tokens; MFU uses the paper's Appendix C FLOPs (3 x forward per token) over
-the device's peak (engine/flops.py). Prints a table and appends it to benchmarks/RESULTS.md.
+Every implementation trains the same randomly initialised model on the same `--sequences` lognormal-length
+sequences (mean ~900 tokens) per optimizer step, with the same objective: the sum of next-token losses
+over the trajectory tokens divided by their count (HF: `num_items_in_batch`), gradient clipping at 1.0,
+AdamW. Rows:
+  engine              `SFTTrainer.train_step` as training runs it: token store, FFD packing into micro-batches
+                      of `--micro-batch-tokens`, packed attention, fused LM-head loss, FSDP2 (world of one),
+                      NaN guard, scheduler; global batch = all the sequences, so each step sees all of them
+  engine+compile      the same with per-block torch.compile (kernels.compile)
+  engine+liger        the same with Liger RMSNorm/SwiGLU/RoPE (GPU only: Liger's kernels need one)
+  hf padded random    `model(input_ids, attention_mask, labels)` over padded batches of `--pad-batch` in the
+                      seeded order (SDPA, full logits), bf16 autocast over fp32 weights
+  hf padded grouped   the same with length-grouped batches (sorted by length, then batched)
+  hf padding-free     sequences concatenated into rows of <= `--micro-batch-tokens` with restarting position_ids
+                      and no attention mask (transformers derives the per-sequence mask; what TRL's
+                      `padding_free` runs), plus Liger's kernels and fused linear cross-entropy on GPU
+tokens/s counts real tokens (no padding). MFU counts 6 x matmul params per token + causal attention from
+the real lengths (engine/flops.py `mfu_step_flops`). The first-step loss of every row is printed: they are
+the same objective on the same weights, so they must agree. Appends the table to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
+import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from harness import append_results, environment, print_table  # noqa: E402
 
 from engine import flops as flops_lib  # noqa: E402
-from engine.data.packing import IGNORE_INDEX, collate_packed, pack_for_ranks  # noqa: E402
-from engine.distributed import apply_fsdp, init_distributed  # noqa: E402
-from engine.losses import linear_cross_entropy  # noqa: E402
-from engine.models import PackedCausalLM, build_model  # noqa: E402
+from engine.config import DataConfig, ModelConfig, RunConfig  # noqa: E402
+from engine.data.token_store import TokenStore, write_token_store  # noqa: E402
+from engine.distributed import destroy_distributed  # noqa: E402
+from engine.models import build_model  # noqa: E402
+from engine.models.patches import KernelConfig  # noqa: E402
+from engine.sft.trainer import SFTConfig, SFTJobConfig, SFTTrainer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+PROMPT_TOKENS = 64  # no loss on the first tokens of each sequence, as on a chat prompt
 
 
 def make_sequences(n: int, mean: float, cap: int, vocab: int, seed: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     sigma = 0.8
-    lengths = rng.lognormal(np.log(mean) - sigma**2 / 2, sigma, n).clip(16, cap).astype(int)
+    lengths = rng.lognormal(np.log(mean) - sigma**2 / 2, sigma, n).clip(PROMPT_TOKENS + 8, cap).astype(int)
     return [rng.integers(0, vocab, size=int(n_tok)).tolist() for n_tok in lengths]
 
 
-def engine_step_fn(model_config: str, seqs, budget: int, device, dtype):
-    hf = build_model(config=model_config, dtype=torch.float32, seed=0)
-    model = PackedCausalLM(hf)
-    apply_fsdp(model, model.layers, param_dtype=dtype, device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
-    plan = pack_for_ranks([len(s) for s in seqs], budget, 1)[0]
-    batches = [collate_packed([seqs[i] for i in mb], [[0] + [1] * (len(seqs[i]) - 1) for i in mb], mb).to(device)
-               for mb in plan]
-    n_loss = sum(len(s) - 1 for s in seqs)
+def loss_mask(seq) -> list[int]:
+    return [0] * PROMPT_TOKENS + [1] * (len(seq) - PROMPT_TOKENS)
+
+
+def engine_step_fn(model_config: str, store: TokenStore, args, device_type: str, work: Path, kernels: KernelConfig):
+    job = SFTJobConfig(
+        run=RunConfig(name=f"bench-{os.getpid()}", output_dir=str(work), device=device_type, progress=False),
+        model=ModelConfig(config=model_config, tokenizer="char"),
+        data=DataConfig(train_path="unused.jsonl"),
+        sft=SFTConfig(steps=10_000, global_batch_size=len(store), micro_batch_tokens=args.micro_batch_tokens,
+                      lr=1e-5, grad_clip=1.0, val_every=0, checkpoint_every=0, export_hf=False),
+        kernels=kernels)
+    with socket.socket() as sock:  # a fresh rendezvous port per trainer: the last one may still be in TIME_WAIT
+        sock.bind(("127.0.0.1", 0))
+        os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    trainer = SFTTrainer(job, stores=(store, None))
 
     def step():
-        for k, b in enumerate(batches):
-            model.set_requires_gradient_sync(k == len(batches) - 1)
-            loss_fn = partial(linear_cross_entropy, labels=b.labels, ignore_index=IGNORE_INDEX, reduction="sum")
-            (model(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen, loss_fn) / n_loss).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        out = trainer.train_step()
+        return out["train/loss"], out["train/micro_batches"]
 
-    return step, hf.config, len(batches)
+    return step
 
 
-def transformers_step_fn(model_config: str, seqs, pad_batch: int, device, dtype):
+def hf_step_fn(model_config: str, seqs, args, device, dtype, layout: str):
     hf = build_model(config=model_config, dtype=torch.float32, seed=0)
     hf.config._attn_implementation = "sdpa"
+    if layout == "padding-free" and device.type == "cuda":
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=hf, rope=True, rms_norm=True, swiglu=True,
+                                        fused_linear_cross_entropy=True, cross_entropy=False)
     hf.to(device).train()
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, foreach=True)
+    n_loss = sum(sum(loss_mask(s)[1:]) for s in seqs)
     batches = []
-    for i in range(0, len(seqs), pad_batch):
-        group = seqs[i:i + pad_batch]
-        width = max(len(s) for s in group)
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros(len(group), width, dtype=torch.long)
-        for r, s in enumerate(group):
-            ids[r, :len(s)] = torch.tensor(s)
-            mask[r, :len(s)] = 1
-        labels = ids.masked_fill(mask == 0, -100)
-        batches.append((ids.to(device), mask.to(device), labels.to(device)))
-    n_micro = len(batches)
+    if layout == "padding-free":
+        rows, row = [], []
+        for s in sorted(seqs, key=len, reverse=True):  # first-fit-decreasing rows, as TRL's packing
+            placed = next((r for r in rows if sum(map(len, r)) + len(s) <= args.micro_batch_tokens), None)
+            (placed if placed is not None else (rows.append(row := []) or row)).append(s)
+        for r in rows:
+            ids = torch.tensor([t for s in r for t in s])[None]
+            pos = torch.cat([torch.arange(len(s)) for s in r])[None]
+            labels = torch.tensor([t if m else -100 for s in r for t, m in zip(s, loss_mask(s))])
+            starts = np.cumsum([0] + [len(s) for s in r[:-1]])
+            labels[starts] = -100  # HF shifts labels: a sequence's first token is never the target of the previous
+            batches.append(dict(input_ids=ids.to(device), position_ids=pos.to(device), labels=labels[None].to(device)))
+    else:
+        order = sorted(seqs, key=len) if layout == "grouped" else seqs
+        for i in range(0, len(order), args.pad_batch):
+            group = order[i:i + args.pad_batch]
+            width = max(len(s) for s in group)
+            ids = torch.zeros(len(group), width, dtype=torch.long)
+            mask = torch.zeros(len(group), width, dtype=torch.long)
+            labels = torch.full((len(group), width), -100, dtype=torch.long)
+            for r, s in enumerate(group):
+                ids[r, :len(s)] = torch.tensor(s)
+                mask[r, :len(s)] = 1
+                labels[r, :len(s)] = torch.tensor([t if m else -100 for t, m in zip(s, loss_mask(s))])
+            batches.append(dict(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)))
 
     def step():
-        for ids, mask, labels in batches:
+        total = torch.zeros((), device=device)
+        for b in batches:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss = hf(input_ids=ids, attention_mask=mask, labels=labels).loss / n_micro
+                loss = hf(**b, num_items_in_batch=n_loss).loss
             loss.backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return total, len(batches)
 
-    return step, n_micro
+    return step
 
 
-def timed(step, device, warmup: int, steps: int) -> tuple[float, float | None]:
-    for _ in range(warmup):
+def timed(step, device, warmup: int, steps: int):
+    first_loss, n_micro = step()
+    first_loss = float(first_loss)
+    for _ in range(warmup - 1):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -108,7 +152,7 @@ def timed(step, device, warmup: int, steps: int) -> tuple[float, float | None]:
         torch.cuda.synchronize(device)
     seconds = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return seconds, peak
+    return seconds, peak, first_loss, n_micro
 
 
 def main() -> None:
@@ -122,45 +166,64 @@ def main() -> None:
     ap.add_argument("--pad-batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, 2 steps: checks the script runs")
+    ap.add_argument("--impl", nargs="+", default=None, help="subset of rows to run (default: all that apply)")
+    ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, 1 step: checks the script runs")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     if args.smoke:
         args.model_config = [str(ROOT / "configs/models/tiny-qwen2.json")]
-        args.sequences, args.mean_len, args.max_len, args.micro_batch_tokens = 8, 64, 128, 512
+        args.sequences, args.mean_len, args.max_len, args.micro_batch_tokens = 8, 100, 160, 512
         args.steps, args.warmup, args.no_record = 1, 1, True
     os.environ.setdefault("TRITON_INTERPRET", "0")
-    info = init_distributed("auto")
-    device = info.device
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    peak = flops_lib.peak_flops(device)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_type)
+    dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
+    peak = flops_lib.peak_flops(torch.device(device_type, 0) if device_type == "cuda" else device)
+    impls = ["engine", "engine+compile", "engine+liger", "hf padded random", "hf padded grouped", "hf padding-free"]
+    if device_type != "cuda":
+        impls.remove("engine+liger")  # Liger's RMSNorm/SwiGLU kernels need a GPU (see tests/test_patches.py)
+    if args.smoke:
+        impls.remove("engine+compile")  # minutes of inductor compile on CPU; tests/test_patches.py covers it
+    impls = [i for i in impls if args.impl is None or i in args.impl]
     rows = []
-    for config in args.model_config:
-        vocab = flops_lib.model_dims(config).vocab
-        seqs = make_sequences(args.sequences, args.mean_len, args.max_len, vocab, seed=0)
-        tokens = sum(len(s) for s in seqs)
-        name = Path(config).stem
-        for impl in ("engine", "transformers"):
-            if impl == "engine":
-                step, _, n_micro = engine_step_fn(config, seqs, args.micro_batch_tokens, device, dtype)
-            else:
-                step, n_micro = transformers_step_fn(config, seqs, args.pad_batch, device, dtype)
-            seconds, mem = timed(step, device, args.warmup, args.steps)
-            flops = flops_lib.sft_step_flops(config, tokens, tokens / len(seqs))
-            rows.append({"model": name, "impl": impl, "micro_batches": n_micro, "tokens_per_s": tokens / seconds,
-                         "mfu": 100 * flops / seconds / peak if peak else None, "peak_gib": mem,
-                         "step_s": seconds})
-            del step
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for config in args.model_config:
+            vocab = flops_lib.model_dims(config).vocab
+            seqs = make_sequences(args.sequences, args.mean_len, args.max_len, vocab, seed=0)
+            store = TokenStore(write_token_store(work / f"store-{Path(config).stem}", ((s, loss_mask(s)) for s in seqs)))
+            tokens = sum(len(s) for s in seqs)
+            flops = flops_lib.mfu_step_flops(config, [len(s) for s in seqs])
+            for impl in impls:
+                if impl.startswith("engine"):
+                    kernels = KernelConfig(compile=impl == "engine+compile", liger_rms_norm=impl == "engine+liger",
+                                           liger_swiglu=impl == "engine+liger", liger_rope=impl == "engine+liger")
+                    step = engine_step_fn(config, store, args, device_type, work, kernels)
+                else:
+                    step = hf_step_fn(config, seqs, args, device, dtype, impl.split()[-1])
+                seconds, mem, first_loss, n_micro = timed(step, device, args.warmup, args.steps)
+                rows.append({"model": Path(config).stem, "impl": impl, "micro_batches": n_micro, "step_s": seconds,
+                             "tokens_per_s": tokens / seconds, "mfu": 100 * flops / seconds / peak if peak else None,
+                             "peak_gib": mem, "first_loss": first_loss})
+                del step
+                destroy_distributed()
+                if device_type == "cuda":
+                    torch.cuda.empty_cache()
+            base = next((r["tokens_per_s"] for r in rows if r["model"] == Path(config).stem
+                         and r["impl"] == "hf padded random"), None)
+            for r in rows:
+                if r["model"] == Path(config).stem and base:
+                    r["speedup"] = r["tokens_per_s"] / base
     columns = [("model", "model", ""), ("impl", "impl", ""), ("micro_batches", "micro-batches", "d"),
-               ("step_s", "step (s)", ".3f"), ("tokens_per_s", "tokens/s", ",.0f"), ("mfu", "MFU (%)", ".1f"),
-               ("peak_gib", "peak (GiB)", ".1f")]
-    title = (f"SFT step throughput: {args.sequences} sequences/step, lognormal mean {args.mean_len:.0f} tokens, "
-             f"engine budget {args.micro_batch_tokens} tokens, transformers padded batches of {args.pad_batch}")
+               ("step_s", "step (s)", ".3f"), ("tokens_per_s", "tokens/s", ",.0f"),
+               ("speedup", "x hf padded random", ".2f"), ("mfu", "MFU (%)", ".1f"), ("peak_gib", "peak (GiB)", ".1f"),
+               ("first_loss", "first-step loss", ".6f")]
+    title = (f"SFT train step: {args.sequences} sequences/step, lognormal mean {args.mean_len:.0f} tokens (max "
+             f"{args.max_len}), budget {args.micro_batch_tokens} tokens/micro-batch, padded batches of {args.pad_batch}")
     print_table(title, rows, columns)
     if not args.no_record:
-        append_results(title, environment(device), rows, columns)
+        append_results(title, environment(device), rows, columns,
+                       notes="MFU: 6 x matmul params per token + causal attention from real lengths (engine/flops.py).")
 
 
 if __name__ == "__main__":

@@ -38,21 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_job(args: argparse.Namespace, job_cls, runner) -> int:
-    """Load CONFIG (+ --set overrides) into `job_cls`, run it, and tear the process group down."""
-    from engine.config import load_config
-    from engine.distributed import destroy_distributed
-    from engine.metrics import setup_logging
-
-    setup_logging()
-    job = load_config(args.config, job_cls, args.overrides)
-    try:
-        runner(job)
-    finally:
-        destroy_distributed()
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -119,6 +119,14 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: where and what (PyYAML's own message spans lines, with a snippet and a caret)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or str(exc)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return " ".join(f"{where}{problem}".split())
+
+
 def _apply_override(data: dict[str, Any], override: str) -> None:
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
@@ -126,7 +134,7 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from None
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {_yaml_problem(exc)}") from None
     node = data
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -164,9 +172,11 @@ def load_config(path: str | Path | None, cls: type[T], overrides: list[str] | No
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         data = loaded or {}
@@ -211,6 +221,9 @@ class RunConfig:
     """Log metrics every N optimizer steps (the only host sync besides the NaN guard)."""
     peak_tflops: float | None = None
     """Peak dense TFLOP/s per device for MFU; None takes the table in engine/flops.py."""
+    on_bad_checkpoint: Literal["fallback", "stop"] = "fallback"
+    """On resume, a checkpoint that fails verification (or a `latest` naming a missing one) is reported, then:
+    fallback = move it aside and resume from the newest one that verifies; stop = exit with the error."""
 
     def __post_init__(self):
         if not self.name or "/" in self.name:
@@ -262,7 +275,9 @@ class DataConfig:
 
     def __post_init__(self):
         if self.synthetic is not None and self.train_path is not None:
-            raise ValueError("data: set only one of `synthetic` or `train_path`")
+            raise ValueError(f"train_path ({self.train_path}) and synthetic (the built-in task) are both set; use "
+                             "only one: to train on the file, unset the task with --set data.synthetic=null (or "
+                             "`synthetic: null` under `data:`)")
         for name in ("train_path", "val_path"):
             if getattr(self, name) == "":
                 raise ValueError(f"data.{name} must be a path or null, got ''")

@@ -93,24 +93,50 @@ def compute_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
 
 
+@dataclass
+class FSDPConfig:
+    """How the policy is sharded and checkpointed for training (FSDP2, activation checkpointing)."""
+
+    reshard_after_forward: bool = True
+    """Free each layer's all-gathered parameters after its forward and gather them again in backward (less
+    memory); False keeps them until backward (one all-gather per layer per micro-batch instead of two)."""
+    activation_checkpointing_every: int = 1
+    """With model.activation_checkpointing: recompute every k-th decoder layer only (1 = every layer; k = 2
+    recomputes half of them, trading memory for ~1/(3k) less recompute)."""
+    reduce_scatter_every_micro_batch: bool = False
+    """Reduce-scatter gradients after every micro-batch, so each rank only ever holds sharded gradients;
+    False accumulates full unsharded fp32 gradients over the micro-batches and reduces once per step (less
+    communication, ~4 bytes x parameters more memory per rank)."""
+
+    def __post_init__(self):
+        if self.activation_checkpointing_every < 1:
+            raise ValueError(f"fsdp.activation_checkpointing_every must be >= 1, got "
+                             f"{self.activation_checkpointing_every}")
+
+
 def apply_fsdp(model: nn.Module, layers: nn.ModuleList, *, param_dtype: torch.dtype, device: torch.device,
-               activation_checkpointing: bool = False) -> nn.Module:
-    """FSDP2: activation checkpointing (optional), then fully_shard per decoder layer, then the root.
+               activation_checkpointing: bool = False, cfg: FSDPConfig | None = None) -> nn.Module:
+    """FSDP2: activation checkpointing (optional, every k-th layer), then fully_shard per decoder layer, then the root.
 
     Parameters stay fp32 (the optimizer's master copy); FSDP casts them to `param_dtype` for compute
     and reduces gradients in fp32. The root is not resharded after forward: backward needs it at once.
+    A model on the meta device stays there; `engine.models.hf_checkpoint.load_hf_sharded` then allocates
+    each rank's shards and fills them from the HF files, so no rank ever holds all of it.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    cfg = cfg or FSDPConfig()
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
         for i, layer in enumerate(layers):
-            layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+            if i % cfg.activation_checkpointing_every == 0:
+                layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    model.to(device)
+    if not any(p.is_meta for p in model.parameters()):
+        model.to(device)
     for layer in layers:
-        fully_shard(layer, mp_policy=mp)
+        fully_shard(layer, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
     fully_shard(model, mp_policy=mp, reshard_after_forward=False)
     return model
 

@@ -15,3 +15,7 @@ class ConfigError(CeilingError):
 
 class DataError(CeilingError):
     """A data file is malformed; the message names the file and line (or field)."""
+
+
+class CheckpointError(CeilingError):
+    """A checkpoint cannot be written, or none under a run verifies; the message names the file and reason."""

@@ -14,13 +14,19 @@ Training costs, in forward-token units multiplied by F(S) (Appendix C.2-C.3):
     DAPO         K B_gen G S  +  3 B_train G S            (K generation rounds of dynamic sampling)
     GRPO         4 B G S                                  (generation 1x + update 3x)
     LUFFY, SRFT  4 [ (B G) S_on + (B N) S_off ]           (N off-policy expert traces per prompt)
-    UPT          B [ G S_on + 3 (N_on S_on + N_off S_off) ]
+    UPT          B [ G S_on + 3 (N_on S_on + N_off S_off) ]    (Eq. 26; Eq. 27 sums it over steps)
+
+UPT's N_on and N_off are per-prompt means of what its gate trains, not of what is generated: every prompt
+generates G on-policy samples (the B G S_on term); a prompt the gate sends to RL trains its G samples
+(N_on += G / B), a prompt sent to SFT trains only its expert trajectory (N_off += n_expert / B). The trainer
+drops the untrained sequences before packing and passes the trained ones' tokens to `rl_step_flops`.
 
 `sft_step_flops` / `rl_step_flops` take the real token counts of a step, so a trainer logs
 cumulative EFLOPs from real lengths (`FlopsLedger`); the closed forms above are `sft_flops`,
 `dapo_flops`, `grpo_flops`, `luffy_flops` and `upt_flops`.
 
-MFU = achieved FLOP/s / peak. `PEAK_BF16_FLOPS` holds nominal dense bf16 peaks; `peak_flops` matches
+MFU = achieved FLOP/s / peak, with the achieved FLOPs counted by `mfu_step_flops` (6 x matmul
+parameters per token + causal attention from the real sequence lengths; no embedding lookup), not F(S). `PEAK_BF16_FLOPS` holds nominal dense bf16 peaks; `peak_flops` matches
 the device's name against it and always prefers an explicit override in TFLOP/s (set one for CPUs,
 for which there is no entry, and for any device not in the table; note that the measured matmul
 ceiling is usually 70-80% of the nominal peak, so nominal-peak MFU understates kernel efficiency).
@@ -307,6 +313,40 @@ def peak_flops(device: Any, override_tflops: float | None = None) -> float | Non
         if key in name:
             return value
     return None
+
+
+def matmul_params(model_cfg: Any) -> int:
+    """N of the MFU convention: the weights that take part in a matmul for every token.
+
+    Per layer the Q, K, V, O projections and the SwiGLU MLP, plus the LM head (V H, counted even when tied
+    to the embedding, since the head's matmul runs). The input embedding is excluded: its forward is a
+    lookup, not a GEMM (counting it is the ~2VH inflation of Appendix C's F(S) when used for MFU). Norm
+    weights and biases are excluded (elementwise work).
+    """
+    d = model_dims(model_cfg)
+    q_dim = d.heads * d.head_dim
+    per_layer = d.hidden * (q_dim + 2 * d.kv_dim) + q_dim * d.hidden + 3 * d.hidden * d.ffn
+    return d.layers * per_layer + d.vocab * d.hidden
+
+
+def mfu_step_flops(model_cfg: Any, seq_lens: Any) -> float:
+    """Training FLOPs of one step for MFU, from the real sequence lengths (the convention stated here):
+
+        6 N T  +  6 L d_q sum_i s_i^2        T = sum_i s_i, d_q = n_heads * head_dim
+
+    6 N T: forward 2N and backward 4N per token (N = `matmul_params`). Attention: QK^T and PV cost
+    2 * 2 s^2 d_q per layer forward for a full square; causal masking halves it; backward is 2x forward,
+    so 3 * 2 s^2 d_q = 6 s^2 d_q per layer and sequence. This is the 6N + attention convention of PaLM /
+    torchtitan with the causal half, counted from each packed sequence's length (not a mean or the
+    micro-batch width); Appendix C's F(S) stays the compute ledger.
+    """
+    import numpy as np
+
+    d = model_dims(model_cfg)
+    s = np.asarray(seq_lens, dtype=np.float64)
+    if s.size and s.min() < 0:
+        raise ValueError("sequence lengths must be >= 0")
+    return 6.0 * matmul_params(d) * s.sum() + 6.0 * d.layers * d.heads * d.head_dim * float((s * s).sum())
 
 
 def mfu(flops_per_s: float, peak: float | None) -> float | None:

@@ -1,6 +1,7 @@
 """Run directory and metrics: `runs/<name>/` with the resolved config, `metrics.jsonl`, TensorBoard.
 
     runs/<name>/config.yaml     the resolved config, exactly what ran (written at start)
+    runs/<name>/run.lock        host and pid of the process using the run (engine/run_lock.py)
     runs/<name>/metrics.jsonl   one JSON object per logged step: {"step": 12, "time": ..., "train/loss": ...}
     runs/<name>/tb/             TensorBoard events (when enabled and tensorboard is installed)
 
@@ -32,9 +33,16 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def make_run_dir(output_dir: str | Path, name: str, cfg: Any | None = None) -> Path:
-    """Create `output_dir/name` (kept if it exists: resume) and snapshot the resolved config."""
+    """Create `output_dir/name` (kept if it exists: resume), lock it for this run (rank 0; engine/run_lock.py)
+    and snapshot the resolved config."""
+    import torch.distributed as dist
+
+    from engine.run_lock import acquire_run_lock
+
     run_dir = Path(output_dir) / name
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        acquire_run_lock(run_dir)
     if cfg is not None:
         dump_config(cfg, run_dir / "config.yaml")
     return run_dir

@@ -30,7 +30,8 @@ from pathlib import Path
 from engine.checkpoint import checkpoint_name
 from engine.config import DataConfig, ModelConfig, RunConfig, add_config_arguments, dump_config
 from engine.distributed import destroy_distributed
-from engine.rl.trainer import RLConfig, RLJobConfig, RLTrainer
+from engine.rl.config import RLConfig, RLJobConfig
+from engine.rl.trainer import RLTrainer
 from engine.sft.trainer import SFTConfig, SFTJobConfig, SFTTrainer
 
 log = logging.getLogger("ceiling")
@@ -170,7 +171,7 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from engine.cli import run_job
+    from engine.jobs import run_job
 
     def run(job: RunJobConfig) -> None:
         state = Pipeline(job).run()

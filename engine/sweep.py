@@ -1,39 +1,65 @@
-"""`ceiling sweep CONFIG`: the paper's study in miniature on the synthetic math task.
+"""`ceiling sweep CONFIG`: the paper's study in miniature on the synthetic math task, in items that one
+process or many workers run.
 
-    ceiling sweep configs/sweep-tiny.yaml                       # CPU, 2 cores: about 33 minutes
+    ceiling sweep configs/sweep-tiny.yaml                       # one process, CPU, 2 cores: about 33 minutes
     ceiling sweep configs/sweep-tiny.yaml --set sft.steps=100 --set sweep.branches=2
+    ceiling sweep configs/sweep-tiny.yaml --plan                # the items, their dependencies and status
+    ceiling sweep configs/sweep-tiny.yaml --worker [--nproc-per-node 8]   # one of N workers (any host)
+    ceiling sweep configs/sweep-tiny.yaml --slurm --workers 8 --gpus-per-worker 8   # writes <run>/sweep.sbatch
 
-Per scene (`sweep.scenes`, each a variant of `data.synthetic`), in `runs/<name>/<scene>/`:
-  1. sft        SFT with a checkpoint at every validation (all kept): the sub-phases of the validation loss.
-  2. sft_eval   pass@1 of the base model and of every SFT checkpoint (the pure-SFT curve, P_sft).
-  3. rl/<k>     an RL branch (rl.algorithm) from `sweep.branches` SFT checkpoints spread evenly over the
-                validations (the min-val-loss one always among them), and from the base model (k = 0,
-                pure RL). With `sweep.early_stop`, a branch stops once its predicted ceiling settles
-                (`engine.rl.trainer.ceiling_stop_rule`); the report shows compute used vs `rl.steps`.
-  4. baseline/<algo>  the synchronized SFT-RL baselines (LUFFY, SRFT, UPT) from the base model.
-Then the scene is written as a RETU scene (`scene.json`, compute in GFLOPs), every branch is fitted with
-engine/analysis (A_post = P_sft + PL_rl), and `sweep_report.md` collects tables and figures
-(engine/sweep_report.py); with >= 3 scenes, the Pearson r of min validation loss vs best A_post.
-Resume: finished items are recorded in `<run>/sweep.json` and skipped; each SFT/RL run resumes from its
-own checkpoints. The report is rewritten on every invocation.
+Items of one scene (`sweep.scenes`, each a variant of `data.synthetic`), run in `runs/<name>/<scene>/`:
+  <scene>/sft           SFT with a checkpoint at every validation (all kept): the sub-phases of the val loss;
+                        it picks the RL branches: `sweep.branches` validations spread evenly, the min-val-loss
+                        one always among them.
+  <scene>/sft_eval      pass@1 of the base model and of every SFT checkpoint (P_sft)       after <scene>/sft
+  <scene>/rl/<k>        an RL branch (rl.algorithm) from SFT checkpoint k                 after <scene>/sft
+  <scene>/rl/0          pure RL from the base model
+  <scene>/baseline/<a>  the synchronized SFT-RL baselines (LUFFY, SRFT, UPT) from the base model
+With `sweep.early_stop`, a branch stops once its predicted ceiling settles (`ceiling_stop_rule`). When every
+item is done, the scene is written as a RETU scene (`scene.json`, compute in GFLOPs), every branch is fitted
+(A_post = P_sft + PL_rl) and `sweep_report.md` collects tables, figures and the compute spent against a full
+sweep (engine/sweep_report.py).
+
+Workers (engine/sweep_worker.py): each claims the next ready item with a lock file in `<run>/locks/`, runs it
+as a child process (`torchrun ... -m engine.cli sweep <run>/config.yaml --run-item ITEM` with
+--nproc-per-node > 1, else python), publishes `<run>/items/ITEM.done.json` once, and exits when nothing is
+left; the last one writes the report. A crashed worker's item is taken over once its lock is stale and
+resumes from the item's own checkpoints. One process without --worker runs the same protocol in-process.
+Every worker checks its config against `<run>/config.yaml`, so a sweep never mixes configs. Several workers
+on one node: give each its own GPUs (CUDA_VISIBLE_DEVICES=0-3 and 4-7 with --nproc-per-node 4).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
 import re
+import shlex
+import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from engine.analysis.early_stop import ceiling_stop_rule
 from engine.checkpoint import checkpoint_name
-from engine.config import DataConfig, ModelConfig, RunConfig, add_config_arguments, dump_config
+from engine.config import DataConfig, ModelConfig, RunConfig, add_config_arguments, dump_config, to_dict
 from engine.data.synthetic import SyntheticTaskConfig
 from engine.distributed import destroy_distributed
-from engine.rl.trainer import RLConfig, RLJobConfig, RLTrainer, ceiling_stop_rule
+from engine.errors import CeilingError, ConfigError
+from engine.rl.config import RLConfig, RLJobConfig
+from engine.rl.trainer import RLTrainer
 from engine.sft.trainer import SFTConfig, SFTJobConfig, SFTTrainer
+from engine.sweep_worker import (
+    Item,
+    LaunchedItem,
+    RunDir,
+    Worker,
+    read_json,
+    start_lock_watchdog,
+    write_json_atomic,
+)
 
 log = logging.getLogger("ceiling")
 BASELINES = ("luffy", "srft", "upt")
@@ -76,15 +102,17 @@ class SweepConfig:
     patience: int = 3
     """... over the last `patience` refits ..."""
     min_points: int = 6
-    """... after at least `min_points` evaluations."""
+    """... after at least `min_points` evaluations ..."""
+    min_fraction: float = 0.55
+    """... and not before this fraction of `rl.steps` (tuned on the paper's curves: benchmarks/RESULTS.md)."""
     scenes: list[SceneSpec] = field(default_factory=lambda: [SceneSpec()])
     """Scenes (variants of data.synthetic); >= 3 gives the min-val-loss / A_post correlation."""
 
     def __post_init__(self):
         if self.branches < 1 or self.eval_samples < 1:
             raise ValueError("sweep.branches and sweep.eval_samples must be >= 1")
-        if self.tol <= 0 or self.patience < 1 or self.min_points < 1:
-            raise ValueError("sweep: need tol > 0, patience >= 1 and min_points >= 1")
+        if self.tol <= 0 or self.patience < 1 or self.min_points < 1 or not 0 <= self.min_fraction <= 1:
+            raise ValueError("sweep: need tol > 0, patience >= 1, min_points >= 1 and 0 <= min_fraction <= 1")
         if len(set(self.baselines)) != len(self.baselines):
             raise ValueError(f"sweep.baselines has duplicates: {self.baselines}")
         if not self.scenes:
@@ -122,41 +150,120 @@ def select_branches(steps: list[int], best: int | None, k: int) -> list[int]:
     return sorted(set(chosen))
 
 
+
 def _device(run: RunConfig) -> str:
     import torch
 
     return "cuda" if run.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
 
+def _is_main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 class Sweep:
-    def __init__(self, job: SweepJobConfig):
+    """The items of a sweep, their records in `<run>/items/`, and how to run one of them in this process."""
+
+    def __init__(self, job: SweepJobConfig, stale_after: float = 600.0):
         self.job = job
         self.root = Path(job.run.output_dir) / job.run.name
+        self.rundir = RunDir(self.root, stale_after)
+        self.scenes = {s.name: s for s in job.sweep.scenes}
+
+    # ------------------------------------------------------------ the plan
+    def items(self) -> list[Item]:
+        """Every item known so far, in the order workers take them: the SFT runs first (everything else of
+        their scene waits on them), then per scene the SFT evaluation and the RL branches from its checkpoints
+        (known once its SFT is done), then pure RL and the baselines (they need no SFT)."""
+        items = [Item(f"{s}/sft", (), "SFT, a checkpoint at every validation") for s in self.scenes]
+        for name in self.scenes:
+            sft = self.rundir.record(f"{name}/sft")
+            items.append(Item(f"{name}/sft_eval", (f"{name}/sft",), "pass@1 of the base model and each SFT checkpoint"))
+            for step in sft["branches"] if sft else []:
+                items.append(Item(f"{name}/rl/{step}", (f"{name}/sft",), f"{self.job.rl.algorithm} from SFT step {step}"))
+        for name, spec in self.scenes.items():
+            items.append(Item(f"{name}/rl/0", (), f"{self.job.rl.algorithm} from the base model (pure RL)"))
+            for algo in self.job.sweep.baselines if spec.baselines else []:
+                items.append(Item(f"{name}/baseline/{algo}", (), f"{algo} from the base model"))
+        return items
+
+    def state(self) -> dict:
+        """The finished items' records merged per scene (what the report reads); `done` in plan order."""
+        state: dict = {"done": [], "scenes": {}}
+        for item in self.items():
+            rec = self.rundir.record(item.name)
+            if rec is None:
+                continue
+            state["done"].append(item.name)
+            scene, kind, *rest = item.name.split("/")
+            st = state["scenes"].setdefault(scene, {})
+            st.setdefault("workers", {})[item.name] = rec.get("worker", {})
+            if kind == "sft":
+                st["sft"], st["branches"] = rec["sft"], rec["branches"]
+            elif kind == "sft_eval":
+                st["sft_pass1"], st["n_eval"] = rec["sft_pass1"], rec["n_eval"]
+            else:
+                st.setdefault("rl", {})[f"{kind}/{rest[0]}"] = rec["rl"]
+        return state
+
+    def run_dirs(self, name: str) -> list[Path]:
+        """The run directories an item writes (their run locks are cleared when a stale item is taken over)."""
+        scene, kind, *rest = name.split("/")
+        sub = {"sft": "sft", "sft_eval": None, "rl": f"rl_{rest[0] if rest else 0}",
+               "baseline": f"baseline_{rest[0] if rest else ''}"}[kind]
+        return [self.root / scene / sub] if sub else []
+
+    def check_config(self) -> None:
+        """Write `<run>/config.yaml` once; every later process must resolve to the same config."""
+        from engine.config import load_config
+
+        path = self.root / "config.yaml"
         self.root.mkdir(parents=True, exist_ok=True)
-        self.state_path = self.root / "sweep.json"
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"done": []}
-        self.state.setdefault("scenes", {})
+        if not path.is_file():
+            tmp = path.with_name(f".config.yaml.{os.getpid()}.tmp")
+            dump_config(self.job, tmp)
+            try:
+                os.link(tmp, path)  # the first process wins; the others compare against it
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+        mine, theirs = to_dict(self.job), to_dict(load_config(path, SweepJobConfig))
+        diff = _diff(theirs, mine)
+        if diff:
+            raise ConfigError(f"{path}: this sweep already runs with another config ({'; '.join(diff[:5])}); "
+                              f"run with CONFIG = {path}, or choose another run.name")
 
-    def _save_state(self) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1))
-        tmp.replace(self.state_path)
+    # ------------------------------------------------------------ running one item in this process
+    def run_item(self, name: str) -> dict:
+        """Run item `name` here (resuming from its own checkpoints) and return its record."""
+        scene, kind, *rest = name.split("/")
+        if scene not in self.scenes or kind not in ("sft", "sft_eval", "rl", "baseline") or len(rest) > 1:
+            raise ConfigError(f"sweep: no item {name!r} (see --plan)")
+        spec = self.scenes[scene]
+        if kind == "sft":
+            return self.run_sft(spec)
+        if kind == "sft_eval":
+            return self.run_sft_eval(spec, self._need(f"{scene}/sft"))
+        if kind == "rl":
+            step = int(rest[0])
+            if step and step not in self._need(f"{scene}/sft")["branches"]:
+                raise ConfigError(f"sweep: {name}: SFT step {step} is not one of the branches of {scene}")
+            return self.run_rl(spec, name, self.job.rl.algorithm, step, self.job.sweep.early_stop)
+        return self.run_rl(spec, name, rest[0], None, False)
 
-    def _item(self, key: str, fn) -> None:
-        if key in self.state["done"]:
-            log.info("sweep: %s already done; skipped", key)
-            return
-        fn()
-        self.state["done"].append(key)
-        self._save_state()
+    def _need(self, name: str) -> dict:
+        rec = self.rundir.record(name)
+        if rec is None:
+            raise ConfigError(f"sweep: {name} is not done yet (items run in dependency order: see --plan)")
+        return rec
 
     def scene_data(self, spec: SceneSpec) -> DataConfig:
         overrides = {k: v for k, v in (("num_train", spec.num_train), ("difficulty_mix", spec.difficulty_mix))
                      if v is not None}
         return replace(self.job.data, synthetic=replace(self.job.data.synthetic, **overrides))
 
-    # ------------------------------------------------------------ the phases of one scene
-    def run_sft(self, spec: SceneSpec, st: dict) -> None:
+    def run_sft(self, spec: SceneSpec) -> dict:
         job = self.job
         sft = replace(job.sft, checkpoint_every=job.sft.val_every, keep_checkpoints=0, save_best=True,
                       export_hf=False)
@@ -166,23 +273,26 @@ class Sweep:
         destroy_distributed()
         if not summary["val_history"]:
             raise ValueError("sweep: SFT recorded no validation (need sft.val_every > 0 and a val split)")
-        st["sft"] = {k: summary[k] for k in ("steps", "exaflops", "best", "val_history")}
         steps = [h["step"] for h in summary["val_history"]]
-        st["branches"] = select_branches(steps, summary["best"]["step"], job.sweep.branches)
-        log.info("sweep %s: RL branches from SFT steps %s", spec.name, st["branches"])
+        branches = select_branches(steps, summary["best"]["step"], job.sweep.branches)
+        log.info("sweep %s: RL branches from SFT steps %s", spec.name, branches)
+        return {"sft": {k: summary[k] for k in ("steps", "exaflops", "best", "val_history")}, "branches": branches}
 
-    def run_sft_eval(self, spec: SceneSpec, st: dict) -> None:
-        """pass@1 (%) of the base model ("0") and every SFT checkpoint, one at a time (resumable)."""
+    def run_sft_eval(self, spec: SceneSpec, sft: dict) -> dict:
+        """pass@1 (%) of the base model ("0") and every SFT checkpoint, one at a time; resumable through
+        `<scene>/sft_eval.partial.json`."""
         from engine.data.tokenizer import load_tokenizer
         from engine.evaluate import evaluate_model, load_for_eval
         from engine.models import build_model
 
         job, sweep = self.job, self.job.sweep
-        scores = st.setdefault("sft_pass1", {})
+        partial_path = self.root / spec.name / "sft_eval.partial.json"
+        partial = read_json(partial_path) or {"sft_pass1": {}, "n_eval": None}
+        scores = partial["sft_pass1"]
         eval_path = self.root / spec.name / "sft" / "data" / "eval.jsonl"
         ckpts = self.root / spec.name / "sft" / "checkpoints"
         device = _device(job.run)
-        for step in [0] + [h["step"] for h in st["sft"]["val_history"]]:
+        for step in [0] + [h["step"] for h in sft["sft"]["val_history"]]:
             if str(step) in scores:
                 continue
             if step == 0:
@@ -197,61 +307,195 @@ class Sweep:
                                     temperature=job.rl.eval_temperature, max_new_tokens=job.rl.max_new_tokens,
                                     max_prompts=job.rl.eval_max_prompts, seed=job.run.seed, device=device)
             scores[str(step)] = result.scores["eval"]
-            st["n_eval"] = result.counts["eval"]
+            partial["n_eval"] = result.counts["eval"]
             log.info("sweep %s: pass@1 of SFT step %d = %.2f%%", spec.name, step, scores[str(step)])
-            self._save_state()
+            write_json_atomic(partial_path, partial)
+        return {"sft_pass1": scores, "n_eval": partial["n_eval"]}
 
-    def run_rl(self, spec: SceneSpec, st: dict, key: str, algorithm: str, init_step: int | None,
-               early_stop: bool) -> None:
+    def run_rl(self, spec: SceneSpec, key: str, algorithm: str, init_step: int | None, early_stop: bool) -> dict:
         job, sweep = self.job, self.job.sweep
-        init = str(self.root / spec.name / "sft" / "checkpoints" / checkpoint_name(init_step)) if init_step else None
-        name = f"rl_{init_step or 0}" if key.startswith("rl/") else f"baseline_{algorithm}"
+        ckpt = self.root / spec.name / "sft" / "checkpoints" / checkpoint_name(init_step) if init_step else None
+        if ckpt is not None and not ckpt.is_dir():
+            raise ConfigError(f"sweep: {key}: the SFT checkpoint {ckpt} does not exist")
+        name = f"rl_{init_step or 0}" if "/rl/" in key else f"baseline_{algorithm}"
         rl_job = RLJobConfig(run=replace(job.run, output_dir=str(self.root / spec.name), name=name),
                              model=job.model, data=self.scene_data(spec),
-                             rl=replace(job.rl, algorithm=algorithm, init_checkpoint=init))
-        rule = ceiling_stop_rule(sweep.tol, sweep.patience, sweep.min_points) if early_stop else None
+                             rl=replace(job.rl, algorithm=algorithm, init_checkpoint=str(ckpt) if ckpt else None))
+        rule = ceiling_stop_rule(sweep.tol, sweep.patience, sweep.min_points, min_fraction=sweep.min_fraction,
+                                 planned_steps=job.rl.steps) if early_stop else None
         summary = RLTrainer(rl_job).fit(stop_when=rule)
         destroy_distributed()
-        st.setdefault("rl", {})[key] = {"algorithm": algorithm, "init_step": init_step or 0, "dir": name,
-                                        "steps": summary["steps"], "planned_steps": job.rl.steps,
-                                        "exaflops": summary["exaflops"], "stopped": summary["stopped"],
-                                        "eval_history": summary["eval_history"]}
+        return {"rl": {"algorithm": algorithm, "init_step": init_step or 0, "dir": name,
+                       "steps": summary["steps"], "planned_steps": job.rl.steps,
+                       "exaflops": summary["exaflops"], "stopped": summary["stopped"],
+                       "eval_history": summary["eval_history"]}}
 
-    def run_scene(self, spec: SceneSpec) -> None:
-        st = self.state["scenes"].setdefault(spec.name, {})
-        self._item(f"{spec.name}/sft", lambda: self.run_sft(spec, st))
-        self._item(f"{spec.name}/sft_eval", lambda: self.run_sft_eval(spec, st))
-        for step in [0] + st["branches"]:
-            self._item(f"{spec.name}/rl/{step}",
-                       lambda s=step: self.run_rl(spec, st, f"rl/{s}", self.job.rl.algorithm, s,
-                                                  self.job.sweep.early_stop))
-        for algo in self.job.sweep.baselines if spec.baselines else []:
-            self._item(f"{spec.name}/baseline/{algo}",
-                       lambda a=algo: self.run_rl(spec, st, f"baseline/{a}", a, None, False))
+    # ------------------------------------------------------------ whole runs
+    def worker(self, run_item=None, heartbeat: float = 30.0, poll: float = 10.0, retry_failed: bool = False) -> Worker:
+        """A worker over this sweep; `run_item(item, lock, heartbeat) -> record` defaults to this process."""
+        def clear_run_locks(name: str, holder: dict) -> None:
+            # The stale holder's child held the item's run locks (engine/run_lock.py). On this host run_lock
+            # sees a dead pid itself; from another host it cannot, so the locks of the dead host go here.
+            for d in self.run_dirs(name):
+                lock = read_json(d / "run.lock")
+                if lock and lock.get("host") == holder.get("host") != self.rundir.host:
+                    log.warning("sweep: %s: removing the run lock of pid %s on %s", d, lock.get("pid"), lock.get("host"))
+                    (d / "run.lock").unlink(missing_ok=True)
+            time.sleep(min(2.0, heartbeat))  # let an orphaned child notice the takeover and exit
 
-    def run(self) -> dict:
+        def in_process(item, lock, hb):
+            return self.run_item(item.name)
+
+        return Worker(self.rundir, self.items, run_item or in_process, heartbeat=heartbeat, poll=poll,
+                      retry_failed=retry_failed, on_takeover=clear_run_locks)
+
+    def write_report(self) -> Path | None:
+        """The report, once every item is done (None before); any worker may write it, the last one does."""
         from engine.sweep_report import write_sweep_report
 
-        dump_config(self.job, self.root / "config.yaml")
-        for spec in self.job.sweep.scenes:
-            self.run_scene(spec)
-        write_sweep_report(self.job, self.root, self.state)
-        return self.state
+        if any(not self.rundir.is_done(i.name) for i in self.items()):
+            return None
+        state = self.state()
+        write_json_atomic(self.root / "sweep.json", state)
+        return write_sweep_report(self.job, self.root, state)
+
+    def run(self) -> dict:
+        """Every item in this process (the claim/lock/done protocol still applies: workers may join), then the
+        report."""
+        self.check_config()
+        result = self.worker(poll=5.0).run()
+        if not result.ok:
+            raise CeilingError(f"sweep: items failed or blocked: {', '.join(result.failed or result.blocked)} (see "
+                               f"{self.root}/items/*.failed.json; rerun with --retry-failed)")
+        self.write_report()
+        return self.state()
+
+    def plan_text(self) -> str:
+        """The items, their dependencies and where each stands; the branches not yet chosen as one line."""
+        lines = [f"sweep {self.root}: items in the order workers take them", ""] + self.rundir.describe(self.items())
+        for name in self.scenes:
+            if self.rundir.record(f"{name}/sft") is None:
+                lines.append(f"{name + '/rl/<k>':28s} {'waiting':12s} {self.job.sweep.branches} RL branches from "
+                             f"SFT checkpoints, chosen when {name}/sft ends  after {name}/sft")
+        return "\n".join(lines) + "\n"
+
+
+def _diff(a, b, where: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{where}.{k}".lstrip("."))]
+    return [] if a == b else [f"{where}: {a!r} there, {b!r} here"]
+
+
+# ---------------------------------------------------------------- CLI
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("sweep", help="SFT checkpoints x RL branches + baselines, ceiling fits, report",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--plan", action="store_true", help="print the items, their dependencies and status")
+    mode.add_argument("--worker", action="store_true",
+                      help="claim and run items (each as a child process) until none is left; run N of these")
+    mode.add_argument("--slurm", action="store_true", help="write <run>/sweep.sbatch: an array of --worker jobs")
+    mode.add_argument("--run-item", metavar="ITEM", help=argparse.SUPPRESS)  # a worker's child process
+    p.add_argument("--record", type=Path, help=argparse.SUPPRESS)  # where --run-item writes the item's record
+    w = p.add_argument_group("workers")
+    w.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="processes per item (> 1: items run under torchrun --standalone)")
+    w.add_argument("--launcher", metavar="CMD",
+                   help="command that runs `sweep CONFIG --run-item ITEM --record PATH` for an item (default: "
+                        "python -m engine.cli, or torchrun -m engine.cli with --nproc-per-node > 1)")
+    w.add_argument("--stale-after", type=float, default=600.0, metavar="S",
+                   help="a lock whose heartbeat is older than S seconds is taken over (default 600)")
+    w.add_argument("--heartbeat", type=float, default=30.0, metavar="S", help="heartbeat interval (default 30)")
+    w.add_argument("--poll", type=float, default=10.0, metavar="S",
+                   help="wait between looks while other workers' items run (default 10)")
+    w.add_argument("--retry-failed", action="store_true", help="clear failure marks and run those items again")
+    w.add_argument("--no-report", action="store_true", help="do not write the report when everything is done")
+    s = p.add_argument_group("--slurm")
+    s.add_argument("--workers", type=int, default=4, help="array size: workers started at once (default 4)")
+    s.add_argument("--gpus-per-worker", type=int, default=8, help="GPUs (and item processes) per worker")
+    s.add_argument("--cpus-per-worker", type=int, default=32)
+    s.add_argument("--time", default="24:00:00", help="time limit per worker (Slurm format)")
+    s.add_argument("--partition")
+    s.add_argument("--account")
+    s.add_argument("--sbatch", dest="sbatch_args", action="append", default=[], metavar="ARG",
+                   help="an extra #SBATCH line, e.g. --sbatch=--qos=high (repeatable)")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    from engine.cli import run_job
+    from engine.jobs import run_job
+
+    status = {"rc": 0}
 
     def run(job: SweepJobConfig) -> None:
-        state = Sweep(job).run()
-        print(f"report: {Path(job.run.output_dir) / job.run.name / 'sweep_report.md'}  "
-              f"({len(state['done'])} items done)")
+        sweep = Sweep(job, stale_after=args.stale_after)
+        if args.plan:
+            print(sweep.plan_text(), end="")
+        elif args.run_item:
+            start_lock_watchdog()  # a worker's child: exit if the worker dies or loses the item's lock
+            record = sweep.run_item(args.run_item)
+            if args.record is not None and _is_main_rank():
+                write_json_atomic(args.record, record)
+        elif args.slurm:
+            from engine.slurm import SlurmSpec, write_sbatch
 
-    return run_job(args, SweepJobConfig, run)
+            sweep.check_config()
+            path = write_sbatch(SlurmSpec(
+                run_dir=sweep.root, config=sweep.root / "config.yaml", workers=args.workers,
+                gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, time=args.time,
+                partition=args.partition, account=args.account, extra=args.sbatch_args, workdir=Path.cwd(),
+                python=sys.executable, stale_after=args.stale_after, heartbeat=args.heartbeat, poll=args.poll))
+            print(f"wrote {path}\nsubmit: sbatch {path}")
+        elif args.worker:
+            sweep.check_config()
+            status["rc"] = _work(sweep, args)
+        else:
+            state = sweep.run()
+            print(f"report: {sweep.root / 'sweep_report.md'}  ({len(state['done'])} items done)")
+
+    run_job(args, SweepJobConfig, run)
+    return status["rc"]
+
+
+def item_command(item: str, config: str, record: Path, nproc_per_node: int = 1, launcher: str | None = None) -> list[str]:
+    """The child process of a worker for one item: `--launcher` if given, else python -m engine.cli, or this
+    environment's torchrun with nproc_per_node > 1 (the SFT evaluation always runs in one process)."""
+    if launcher:
+        prefix = shlex.split(launcher)
+    elif nproc_per_node > 1 and not item.endswith("/sft_eval"):
+        prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
+                  "-m", "engine.cli"]
+    else:
+        prefix = [sys.executable, "-m", "engine.cli"]
+    return [*prefix, "sweep", config, "--run-item", item, "--record", str(record)]
+
+
+def _work(sweep: Sweep, args: argparse.Namespace) -> int:
+    """One worker: items run as child processes on `<run>/config.yaml`; the report when all is done."""
+    config = str(sweep.root / "config.yaml")
+
+    def command(item: Item, record: Path) -> list[str]:
+        return item_command(item.name, config, record, args.nproc_per_node, args.launcher)
+
+    runner = LaunchedItem(sweep.rundir, command)
+    worker = sweep.worker(runner, heartbeat=args.heartbeat, poll=args.poll, retry_failed=args.retry_failed)
+    runner.attach(worker)
+    result = worker.run()
+    print(f"worker {os.getpid()}: ran {len(result.ran)} item(s): {', '.join(result.ran) or '-'}")
+    if result.failed or result.blocked:
+        print(f"failed: {', '.join(result.failed) or '-'}; blocked: {', '.join(result.blocked) or '-'}",
+              file=sys.stderr)
+        return 1
+    if not args.no_report:
+        lock = sweep.rundir.try_claim("report")
+        if lock is not None:
+            try:
+                path = sweep.write_report()
+                if path is not None:
+                    print(f"report: {path}")
+            finally:
+                sweep.rundir.release(lock)
+    return 0

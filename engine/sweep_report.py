@@ -5,7 +5,9 @@
                                   B, A_post, and RL compute used vs planned (early stopping)
     <run>/<scene>/a_post.png      A_post = P_sft + PL_rl against SFT compute, shaded by SFT sub-phase
     <run>/<scene>/paradigms.png   performance against total compute: pure SFT, pure RL, SFT-then-RL, baselines
-    <run>/table.md, <run>/sweep_report.md   all scenes, and the min-val-loss / A_post correlation (>= 3 scenes)
+    <run>/table.md, <run>/sweep_report.md   all scenes, the early-stop replay and the branch it would pick, the
+                                  compute spent per item against a full sweep (and where and how long each ran),
+                                  and the min-val-loss / A_post correlation (>= 3 scenes)
 A branch whose fit fails (too few points, all at x = 0) shows "n/a" and the reason; nothing crashes.
 """
 
@@ -26,6 +28,7 @@ from engine.analysis import (
     load_scene,
     replay_scene,
 )
+from engine.analysis.early_stop import decide
 from engine.analysis.report import early_stop_markdown
 from engine.report import GFLOPS_PER_EFLOPS, PHASE_COLORS
 
@@ -166,9 +169,12 @@ def write_sweep_report(job, root: Path, state: dict) -> Path:
         (out / "scene.json").write_text(json.dumps(raw, indent=1))
         scene = load_scene(out / "scene.json") if raw["rl"] else None
         results = fit_scene(scene) if scene is not None else {}
-        replay = "No RL branch to replay.\n" if scene is None else early_stop_markdown(
-            replay_scene(scene, tol=job.sweep.tol, patience=job.sweep.patience, min_points=job.sweep.min_points),
-            compute_unit="GFLOPs")
+        if scene is None:
+            replay = "No RL branch to replay.\n"
+        else:
+            replayed = replay_scene(scene, tol=job.sweep.tol, patience=job.sweep.patience,
+                                    min_points=job.sweep.min_points, min_fraction=job.sweep.min_fraction)
+            replay = early_stop_markdown(replayed, compute_unit="GFLOPs") + "\n" + decide(replayed).summary() + "\n"
         table, rows = scene_table(st, results, subphase)
         (out / "table.md").write_text(f"### scene `{spec.name}`\n\n{table}")
         (out / "table.json").write_text(json.dumps(rows, indent=1))
@@ -207,8 +213,9 @@ prompts, T={job.rl.eval_temperature}, {job.sweep.eval_samples} sample(s) each fo
 ### Early stopping, replayed
 
 Had each branch been stopped once its predicted A_post moved less than {job.sweep.tol} points over
-{job.sweep.patience} refits (after at least {job.sweep.min_points} evaluations), this is where it would have
-stopped, the share of its RL compute saved, and its A_post against the fit of the whole branch:
+{job.sweep.patience} refits (after at least {job.sweep.min_points} evaluations and {job.sweep.min_fraction:g} of its
+compute), this is where it would have stopped, the share of its RL compute saved, its A_post against the fit
+of the whole branch, and the branch a user would have picked:
 
 {replay}
 ### Paradigms: pure SFT, pure RL, SFT-then-RL, synchronized baselines
@@ -242,12 +249,45 @@ the last Stable point, Severe above, Adaptive before. Live early stopping of RL 
 "n/a": the branch has too few usable points for the fit (the reason is listed under the table).
 
 {"".join(sections)}
+## Compute: spent vs a full sweep
+
+{compute_table(job, state)}
 ## Min validation loss vs best A_post
 
 {corr}
 """
     (root / "sweep_report.md").write_text(text)
     return root / "sweep_report.md"
+
+
+def compute_table(job, state: dict) -> str:
+    """Per item: the compute it spent and what the item would have spent run to the end (Appendix C GFLOPs;
+    evaluation is not counted), where and how long it ran; then the totals. A branch stopped early is
+    extrapolated to its planned steps at its own GFLOPs per step."""
+    lines = ["| item | steps used/planned | spent (GFLOPs) | full sweep (GFLOPs) | saved | ran on | wall (s) |",
+             "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+    spent_total = full_total = 0.0
+    for name in state["done"]:
+        scene, kind, *rest = name.split("/")
+        st = state["scenes"][scene]
+        who = st.get("workers", {}).get(name, {})
+        where = f"{who.get('host', '?')} pid {who.get('pid', '?')}" if who else "?"
+        wall = f"{who['seconds']:.0f}" if "seconds" in who else "?"
+        if kind == "sft_eval":
+            lines.append(f"| {name} | | not counted | not counted | | {where} | {wall} |")
+            continue
+        if kind == "sft":
+            steps, planned, spent = st["sft"]["steps"], job.sft.steps, _gf(st["sft"]["exaflops"], 4)
+        else:
+            run = st["rl"][f"{kind}/{rest[0]}"]
+            steps, planned, spent = run["steps"], run["planned_steps"], _gf(run["exaflops"], 4)
+        full = spent * planned / steps if steps and steps < planned else spent
+        spent_total, full_total = spent_total + spent, full_total + full
+        saved = f"{100 * (1 - spent / full):.1f}%" if full > 0 else "-"
+        lines.append(f"| {name} | {steps}/{planned} | {spent:.4g} | {full:.4g} | {saved} | {where} | {wall} |")
+    saved = f"{100 * (1 - spent_total / full_total):.1f}%" if full_total > 0 else "-"
+    lines.append(f"| **total** | | {spent_total:.4g} | {full_total:.4g} | {saved} | | |")
+    return "\n".join(lines) + "\n"
 
 
 def replace_task(job, spec) -> str:

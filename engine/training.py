@@ -19,21 +19,32 @@ import torch
 
 from engine.checkpoint import latest_checkpoint
 from engine.config import ModelConfig
-from engine.distributed import DistInfo, all_reduce_sum, apply_fsdp, compute_dtype
+from engine.distributed import DistInfo, FSDPConfig, all_reduce_sum, apply_fsdp, compute_dtype
 from engine.models import PackedCausalLM, build_model, set_attention_backend
+from engine.models.hf_checkpoint import load_hf_sharded
+from engine.models.patches import KernelConfig, apply_kernels
 
 
 class NonFiniteError(RuntimeError):
     """A NaN/inf loss or gradient; the message names the step and the sample ids."""
 
 
-def build_policy(model_cfg: ModelConfig, seed: int, info: DistInfo) -> tuple[PackedCausalLM, object]:
-    """The policy under FSDP2 (fp32 master weights, compute in the configured dtype)."""
+def build_policy(model_cfg: ModelConfig, seed: int, info: DistInfo, fsdp: FSDPConfig | None = None,
+                 kernels: KernelConfig | None = None) -> tuple[PackedCausalLM, object]:
+    """The policy under FSDP2 (fp32 master weights, compute in the configured dtype).
+
+    A local HF dir is built on the meta device, sharded, then each rank reads only its shard of the
+    safetensors (no rank holds the full model); a random-init config is built whole (seeded) and sharded.
+    """
     set_attention_backend(model_cfg.attention)
-    hf = build_model(path=model_cfg.path, config=model_cfg.config, dtype=torch.float32, seed=seed)
+    meta = model_cfg.path is not None
+    hf = build_model(path=model_cfg.path, config=model_cfg.config, dtype=torch.float32, seed=seed, meta=meta)
     model = PackedCausalLM(hf)
+    apply_kernels(model, kernels or KernelConfig())
     apply_fsdp(model, model.layers, param_dtype=compute_dtype(info.device, model_cfg.dtype), device=info.device,
-               activation_checkpointing=model_cfg.activation_checkpointing)
+               activation_checkpointing=model_cfg.activation_checkpointing, cfg=fsdp)
+    if meta:
+        load_hf_sharded(model, model_cfg.path, info.device)
     return model, hf.config
 
 
@@ -47,8 +58,10 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 
 def build_optimizer(model: torch.nn.Module, cfg, total_steps: int):
     """AdamW + warmup-cosine from a config with lr, betas, eps, weight_decay, warmup_steps, min_lr_ratio."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                  weight_decay=cfg.weight_decay, foreach=True)  # one kernel per op for all DTensors
+    params = list(model.parameters())
+    fused = all(p.device.type == "cuda" for p in params)  # one kernel for all params; foreach elsewhere (CPU, NPU)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay, fused=fused or None, foreach=None if fused else True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         warmup_cosine, warmup=cfg.warmup_steps, total=total_steps, min_ratio=cfg.min_lr_ratio))
     return optimizer, scheduler
@@ -87,15 +100,17 @@ class DataOrder:
         self.num_samples, self.seed = num_samples, seed
         self._epoch, self._perm = -1, None
 
-    def _permutation(self, epoch: int) -> list[int]:
+    def _permutation(self, epoch: int):
         if epoch != self._epoch:
             gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.num_samples, generator=gen).tolist()
+            perm = torch.randperm(self.num_samples, generator=gen)
+            self._epoch, self._perm = epoch, perm.numpy()  # 8 bytes per sample, not a list of Python ints
         return self._perm
 
     def take(self, start: int, count: int) -> list[int]:
         """Sample indices at stream positions [start, start + count)."""
-        return [self._permutation(pos // self.num_samples)[pos % self.num_samples] for pos in range(start, start + count)]
+        return [int(self._permutation(pos // self.num_samples)[pos % self.num_samples])
+                for pos in range(start, start + count)]
 
     def batch(self, step: int, batch_size: int) -> list[int]:
         return self.take(step * batch_size, batch_size)

@@ -1,4 +1,8 @@
-"""benchmarks/bench_sft.py runs (smoke mode, CPU): the GPU throughput table depends on it."""
+"""benchmarks/bench_sft.py runs (smoke mode, CPU): the GPU throughput table depends on it.
+
+Every row trains the same weights on the same sequences with the same objective, so their first-step losses
+must agree: the engine's real train_step, HF padded (random and length-grouped) and HF padding-free.
+"""
 
 import os
 import subprocess
@@ -13,5 +17,7 @@ def test_bench_sft_smoke():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_sft.py"), "--smoke"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = [line for line in out.stdout.splitlines() if line.startswith("| tiny-qwen2 |")]
-    assert [r.split("|")[2].strip() for r in rows] == ["engine", "transformers"]
+    rows = [[c.strip() for c in line.split("|")] for line in out.stdout.splitlines() if line.startswith("| tiny-qwen2 |")]
+    assert [r[2] for r in rows] == ["engine", "hf padded random", "hf padded grouped", "hf padding-free"]
+    first_losses = [float(r[-2]) for r in rows]
+    assert max(first_losses) - min(first_losses) < 1e-5, first_losses

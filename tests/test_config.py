@@ -107,7 +107,7 @@ def test_shipped_configs_load():
     from pathlib import Path
 
     from engine.pipeline import RunJobConfig
-    from engine.rl.trainer import RLJobConfig
+    from engine.rl.config import RLJobConfig
     from engine.sft.trainer import SFTJobConfig
     from engine.sweep import SweepJobConfig
 

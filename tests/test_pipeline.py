@@ -11,7 +11,7 @@ from engine.data.tokenizer import build_char_tokenizer
 from engine.errors import ConfigError
 from engine.metrics import read_metrics
 from engine.pipeline import Pipeline, PipelineConfig, RunJobConfig, stable_confirmed
-from engine.rl.trainer import RLConfig
+from engine.rl.config import RLConfig
 from engine.sft.trainer import SFTConfig
 
 pytestmark = pytest.mark.usefixtures("trainer_env")  # tests/conftest.py

@@ -9,8 +9,8 @@ def test_extract_boxed_last_balanced():
     assert extract_boxed("so \\boxed{1} then \\boxed{\\frac{1}{2}}.") == "\\frac{1}{2}"
     assert extract_boxed("\\boxed{a{b}c}") == "a{b}c"
     assert extract_boxed("\\fbox{7}") == "7"
-    # a final box cut off mid-answer is skipped; the previous balanced one counts
-    assert extract_boxed("\\boxed{3} and \\boxed{4") == "3"
+    # a final box cut off mid-answer (e.g. at the length limit) gives nothing: the earlier box was a draft
+    assert extract_boxed("\\boxed{3} and \\boxed{4") is None
     assert extract_boxed("no box here") is None
     assert extract_boxed("") is None
     assert extract_boxed("\\boxed{") is None
@@ -34,6 +34,23 @@ def test_garbage_never_crashes():
 
 def test_reference_already_boxed():
     assert score_one("\\boxed{2}", "\\boxed{2}") == (1.0, "correct")
+
+
+def test_modes_boxed_or_whole():
+    """boxed-or-whole parses the whole response when it has no \\boxed (RETU's reward parses the whole
+    response); with a \\boxed both modes judge only the last one, and a truncated last box earns nothing."""
+    responses = ["The answer is 5.", "so 23+15=38, 38-7=31", "I give up", "\\boxed{5}", "\\boxed{5} then \\boxed{6",
+                 "The answer is 5, i.e. \\boxed{6}"]
+    answers = ["5", "31", "5", "5", "5", "5"]
+    whole, stats = score_responses(responses, answers, mode="boxed-or-whole")
+    assert whole == [1.0, 1.0, 0.0, 1.0, 0.0, 0.0]
+    assert stats == RewardStats(num=6, num_correct=3, num_unparsed=2, num_errors=0)
+    boxed, _ = score_responses(responses, answers, mode="boxed")
+    assert boxed == [0.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+    assert score_one("\\boxed{5} then \\boxed{6", "5", mode="boxed") == (0.0, "unparsed")
+    assert score_responses(responses, answers, num_workers=2, mode="boxed-or-whole")[0] == whole
+    with pytest.raises(ValueError, match="mode"):
+        score_responses(["a"], ["b"], mode="regex")
 
 
 def test_validation():

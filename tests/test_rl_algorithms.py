@@ -8,18 +8,22 @@ import torch
 from engine.rl.algorithms import (
     ALGORITHMS,
     RLBatch,
+    SeqWeights,
     WeightParams,
     aggregate,
-    entropy_from_logprobs,
+    entropy_coef_scale,
     fold_kl,
     group_mean_advantages,
     grpo_advantages,
     kl_estimate,
+    loss_normalizers,
     normalizer_count,
+    per_sequence_mean,
     policy_loss_reference,
+    scale_expert_sft,
     sequence_weights,
     sft_weights,
-    srft_weights,
+    srft_sft_weights,
     to_tokens,
     token_weights,
     upt_sft_gate,
@@ -51,10 +55,12 @@ def test_grpo_group_of_four():
 
 
 def test_grpo_groups_interleaved_and_degenerate():
-    # ids need not be contiguous or sorted; an all-equal group and a group of one give 0
+    # ids need not be contiguous or sorted; an all-equal group gives 0; a group of one has mean 0 and std 1
+    # (verl, UPT-repo core_algos.py:143-145): A = R / (1 + eps)
     adv = grpo_advantages(torch.tensor([1.0, 1, 0, 1, 0, 1, 1]), torch.tensor([7, 3, 7, 3, 7, 3, 9]))
     m, s = 1 / 3, math.sqrt(((1 - 1 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)
-    close(adv, [(1 - m) / s, 0, -m / s, 0, -m / s, 0, 0], tol=1e-4)
+    close(adv, [(1 - m) / s, 0, -m / s, 0, -m / s, 0, 1 / (1 + 1e-6)], tol=1e-4)
+    close(grpo_advantages(torch.tensor([0.7, 1.0, 0.0]), torch.tensor([0, 1, 1]), use_std=False), [0.7, 0.5, -0.5])
     assert grpo_advantages(torch.tensor([]), torch.tensor([], dtype=torch.long)).numel() == 0
 
 
@@ -79,20 +85,21 @@ def test_upt_gate_both_ways():
     assert seq.trained_S.tolist() == [False, False, True, True, True, False]
     close(seq.sft_weight_S, [0, 0, 1, 0, 0, 0])
     close(seq.pg_weight_S, [0, 0, 0, 1, 1, 0])
-    close(seq.advantages_S, [0, 0, 0, math.sqrt(0.5), -math.sqrt(0.5), 0])
+    close(seq.advantages_S, [0, 0, 0, 0.5, -0.5, 0])  # no std (UPT-repo train.sh:107 grpo_use_std=False)
+    assert seq.expert_sft_S.tolist() == [False, False, True, False, False, False]
+    close(sequence_weights("upt", b, WeightParams(adv_std=True)).advantages_S,
+          [0, 0, 0, math.sqrt(0.5), -math.sqrt(0.5), 0])
     # a prompt without rollouts counts as p = 0
     assert upt_sft_gate(batch([1.0], [0], [True])).tolist() == [True]
 
 
-def test_srft_weights():
-    assert srft_weights(0.0) == (0.5, 0.1)
-    w1, w2 = srft_weights(math.log(2))
-    assert w1 == pytest.approx(0.25) and w2 == pytest.approx(0.2)
-    with pytest.raises(ValueError):
-        srft_weights(float("nan"))
-    # -mean logp of samples estimates the entropy: uniform over 4 tokens -> ln 4
-    assert entropy_from_logprobs(torch.full((6,), -math.log(4))) == pytest.approx(math.log(4))
-    assert entropy_from_logprobs(torch.tensor([-1.0, -3.0, -9.0]), torch.tensor([1, 1, 0])) == pytest.approx(2.0)
+def test_srft_sft_weights_per_sequence():
+    # expert 0.5 exp(-H), correct rollout 0.1 exp(H), other rollouts -1; each sequence its own H
+    w = srft_sft_weights(torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([False, False, True, False]),
+                         torch.tensor([math.log(2), 0.3, math.log(2), 0.0]))
+    close(w, [0.2, -1.0, 0.25, 0.1])
+    # per-sequence masked mean of a per-token value over packed sequences
+    close(per_sequence_mean(torch.arange(9.0), RESP, CU), [1.5, 5.5, 8.0])
 
 
 def test_token_weights_luffy():
@@ -106,18 +113,18 @@ def test_token_weights_luffy():
 
 
 def test_token_weights_srft():
-    w = token_weights("srft", MIXED, CU, RESP, WeightParams(mean_entropy=math.log(2)))
-    close(w.sft_weight_T, [0, 0.2, 0.2, 0, 0, -1, -1, 0, 0.25])
+    seq = sequence_weights("srft", MIXED)
+    assert torch.isnan(seq.sft_weight_S).all()  # filled from the training forward's entropy (engine/rl/update.py)
+    assert seq.expert_sft_S.tolist() == [False, False, True] and ALGORITHMS["srft"].entropy_weights
+    w = token_weights("srft", MIXED, CU, RESP)
     close(w.pg_weight_T, [0] * 8 + [1])
     assert w.off_policy_T.tolist() == [False] * 8 + [True]
     close(w.loss_mask_T, RESP.tolist())
-    with pytest.raises(ValueError, match="mean_entropy"):
-        token_weights("srft", MIXED, CU, RESP)
 
 
 def test_token_weights_upt_rl_and_sft():
-    w = token_weights("upt", MIXED, CU, RESP)  # p = 0.5 > 0: GRPO on the rollouts, expert untrained
-    c = math.sqrt(0.5)
+    w = token_weights("upt", MIXED, CU, RESP)  # p = 0.5 > 0: RL on the rollouts, expert untrained
+    c = 0.5  # R - mean, no std
     close(w.advantages_T, [0, c, c, 0, 0, -c, -c, 0, 0])
     close(w.pg_weight_T, [0, 1, 1, 0, 0, 1, 1, 0, 0])
     close(w.sft_weight_T, [0] * 9)
@@ -135,7 +142,8 @@ def test_token_weights_grpo_family(name):
     b = batch([1.0, 0.0, 1.0], [0, 0, 1], [False, False, False])
     w = token_weights(name, b, CU, RESP)
     c = math.sqrt(0.5)
-    close(w.advantages_T, [0, c, c, 0, 0, -c, -c, 0, 0])  # seq 2 is a group of one: A = 0
+    g1 = 1 / (1 + 1e-6)  # seq 2 is a group of one: A = R / (1 + eps), as verl
+    close(w.advantages_T, [0, c, c, 0, 0, -c, -c, 0, g1])
     close(w.pg_weight_T, RESP.tolist())
     close(w.sft_weight_T, [0] * 9)
     assert not w.off_policy_T.any()
@@ -153,8 +161,12 @@ def test_sft_weights():
 def test_algorithm_registry():
     assert set(ALGORITHMS) == {"grpo", "dapo_d", "dapo_dc", "luffy", "srft", "upt"}
     assert (ALGORITHMS["dapo_dc"].eps_low, ALGORITHMS["dapo_dc"].eps_high) == (0.2, 0.28)
-    for name in ("grpo", "dapo_d", "luffy", "srft", "upt"):
-        assert (ALGORITHMS[name].eps_low, ALGORITHMS[name].eps_high) == (0.2, 0.2)
+    assert ALGORITHMS["dapo_dc"].clip_ratio_c == 10.0  # RETU launcher
+    for name in ("grpo", "dapo_d"):
+        assert (ALGORITHMS[name].eps_low, ALGORITHMS[name].eps_high, ALGORITHMS[name].clip_ratio_c) == (0.2, 0.2, None)
+    for name in ("luffy", "srft", "upt"):  # loss_remove_clip=True: clip(r, 0, inf) = r
+        assert (ALGORITHMS[name].eps_low, ALGORITHMS[name].eps_high) == (1.0, math.inf)
+        assert not ALGORITHMS[name].adv_std
     assert [n for n, s in ALGORITHMS.items() if s.dynamic_sampling] == ["dapo_d", "dapo_dc"]
     assert [n for n, s in ALGORITHMS.items() if s.uses_expert] == ["luffy", "srft", "upt"]
     with pytest.raises(ValueError, match="unknown RL algorithm"):
@@ -183,6 +195,8 @@ def test_aggregation_modes():
     upt = token_weights("upt", MIXED, CU, RESP)
     assert float(normalizer_count(upt.loss_mask_T, CU, "seq-mean-token-sum")) == 2
     assert float(normalizer_count(upt.loss_mask_T, CU, "token-mean")) == 4
+    tsn, n = aggregate(sft, CU, "token-sum-norm", norm_tokens=8)  # sum / L_pad (verl seq-mean-token-sum-norm)
+    assert float(n) == 8 and loss(tsn, n) == pytest.approx((2 + 3 + 6 + 7 + 9) / 8)
     with pytest.raises(ValueError):
         aggregate(sft, CU, "sum")
 
@@ -239,8 +253,10 @@ def test_matches_fused_loss_when_available():
     torch.manual_seed(0)
     hidden, weight = torch.randn(9, 8), torch.randn(11, 8)
     targets = torch.randint(0, 11, (9,))
-    w = token_weights("srft", MIXED, CU, RESP, WeightParams(mean_entropy=0.7))
-    w, norm = aggregate(w, CU, "seq-mean-token-mean")
+    seq = sequence_weights("srft", MIXED)
+    seq = SeqWeights(seq.advantages_S, srft_sft_weights(MIXED.rewards_S, MIXED.is_expert_S, torch.tensor([0.7, 0.2, 1.1])),
+                     seq.pg_weight_S, seq.off_policy_S, seq.trained_S)
+    w, norm = aggregate(to_tokens(seq, CU, RESP), CU, "seq-mean-token-mean")
     old = torch.log_softmax(hidden @ weight.T, -1).gather(1, targets[:, None])[:, 0] + 0.05
     out = losses.linear_policy_loss(hidden, weight, targets, old_logp=old, normalizer=norm, luffy_gamma=0.1,
                                     backend="torch", **w.loss_kwargs())
@@ -256,6 +272,32 @@ def test_validation():
     with pytest.raises(ValueError):
         RLBatch(torch.tensor([1.0]), torch.tensor([0]), torch.tensor([0]))
     with pytest.raises(ValueError):
-        WeightParams(mean_entropy=-1.0)
+        WeightParams(upt_gamma=float("nan"))
+    with pytest.raises(ValueError, match="norm_tokens"):
+        loss_normalizers([1], sequence_weights("luffy", MIXED.__class__(*(t[:1] for t in (
+            MIXED.rewards_S, MIXED.group_ids_S, MIXED.is_expert_S)))), "token-sum-norm")
     with pytest.raises(ValueError):
         to_tokens(sequence_weights("luffy", MIXED), torch.tensor([0, 9]), RESP)
+
+
+def test_term_normalisers():
+    """SFT on expert trajectories gets its own token mean, the entropy bonus a token mean under token-sum-norm
+    (the UPT-repo: compute_sft_pure_loss and masked_mean(entropy) per micro-batch, the RL terms sum / 8192)."""
+    failed = batch([0.0, 0.0, 1.0, 1.0, 0.0, 1.0], [0, 0, 0, 1, 1, 1], [False, False, True, False, False, True])
+    seq = sequence_weights("upt", failed)  # prompt 0 -> SFT on its expert (seq 2), prompt 1 -> RL (seqs 3, 4)
+    n_tok = [4, 5, 7, 3, 2, 6]
+    norms = loss_normalizers(n_tok, seq, "token-sum-norm", norm_tokens=100)
+    assert (norms.rl, norms.sft, norms.entropy) == (100.0, 7.0, 12.0)
+    assert entropy_coef_scale(norms) == pytest.approx(100 / 12)
+    scaled = scale_expert_sft(seq.sft_weight_S, seq, torch.tensor(n_tok, dtype=torch.float32), norms, "token-sum-norm")
+    close(scaled, [0, 0, 100 / 7, 0, 0, 0])  # x N_rl / N_sft: sum over its tokens / 7 after the fused / 100
+    tm = loss_normalizers(n_tok, seq, "token-mean")
+    assert (tm.rl, tm.sft, tm.entropy) == (12.0, 7.0, 12.0)
+    smtm = loss_normalizers(n_tok, seq, "seq-mean-token-mean")
+    assert (smtm.rl, smtm.sft) == (3.0, 7.0)  # 3 trained sequences
+    scaled = scale_expert_sft(seq.sft_weight_S, seq, torch.tensor(n_tok, dtype=torch.float32), smtm,
+                              "seq-mean-token-mean")
+    close(scaled, [0, 0, 3 * 7 / 7, 0, 0, 0])  # also undoes s_t = 1 / |seq|
+    shared = loss_normalizers(n_tok, seq, "token-mean", sft_norm="shared")
+    assert shared.sft is None and scale_expert_sft(seq.sft_weight_S, seq, torch.ones(6), shared, "token-mean") is \
+        seq.sft_weight_S

@@ -11,7 +11,8 @@ from engine.data.tokenizer import build_char_tokenizer
 from engine.distributed import destroy_distributed
 from engine.errors import DataError
 from engine.metrics import read_metrics
-from engine.rl.trainer import RLConfig, RLJobConfig, RLTrainer, run_rl
+from engine.rl.config import RLConfig, RLJobConfig
+from engine.rl.trainer import RLTrainer, run_rl
 from engine.sft.trainer import SFTConfig, SFTJobConfig, run_sft
 
 TASK = dict(num_train=2000, num_val=16, num_rl=64, num_eval=8, min_ops=1, max_ops=3, max_digits=1, seed=3)
@@ -187,7 +188,7 @@ def test_stop_when_ends_a_branch_and_resume_respects_it(tmp_path, sft_run):
 
 def test_ceiling_stop_rule_on_a_saturating_curve():
 
-    from engine.rl.trainer import ceiling_stop_rule
+    from engine.analysis.early_stop import ceiling_stop_rule
 
     rule = ceiling_stop_rule(tol=0.5, patience=3)
     history, reason = [], None

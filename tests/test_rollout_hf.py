@@ -8,7 +8,6 @@ from engine.data.tokenizer import build_char_tokenizer, end_of_turn_id
 from engine.models.attention import PACKED_ATTENTION
 from engine.rollout.base import RolloutOutput, SamplingParams
 from engine.rollout.hf import HFRollout
-from engine.rollout.vllm import VLLMRollout, vllm_available
 
 
 @pytest.fixture(scope="module")
@@ -145,12 +144,13 @@ def test_sampling_params_validation():
         RolloutOutput([1], [2], "x", "stop")  # stop without its token
 
 
-def test_noop_lifecycle_and_vllm_skeleton(model, tok):
+def test_lifecycle_on_the_shared_model_only_bumps_the_version(model, tok, prompts):
     r = HFRollout(model, tok)
-    r.sleep(), r.sync_weights(model), r.wake()
-    if not vllm_available():
-        with pytest.raises(RuntimeError, match="vLLM is not installed"):
-            VLLMRollout("/nonexistent")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    r.sleep(), r.sync_weights(model, 1), r.wake()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    outs = r.generate(prompts[:1], SamplingParams(max_new_tokens=3, seed=0))
+    assert outs[0][0].weight_version == 1
 
 
 def test_checkpoint_generation_config_is_ignored(model, tok, prompts):

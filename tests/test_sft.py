@@ -146,3 +146,29 @@ def test_two_ranks_match_one_rank_and_reshard_on_resume(tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+
+
+@pytest.mark.slow
+def test_fsdp_options_keep_the_losses(tmp_path):
+    """Selective AC (every 2nd layer), no reshard after forward, a reduce-scatter per micro-batch: same run."""
+    from engine.distributed import FSDPConfig
+
+    def losses(name, **fsdp):
+        cfg = job(tmp_path, name=name, steps=2, val_every=0, checkpoint_every=0, micro_batch_tokens=200)
+        cfg.fsdp = FSDPConfig(**fsdp)
+        cfg.model.activation_checkpointing = bool(fsdp)
+        trainer = SFTTrainer(cfg)
+        out = [trainer.train_step() for _ in range(2)]
+        layers = [type(layer).__name__ for layer in trainer.model.layers]
+        destroy_distributed()
+        assert all(r["train/micro_batches"] > 1 for r in out)  # gradient accumulation is exercised
+        return [float(r["train/loss"]) for r in out], layers
+
+    base, plain = losses("base")
+    tuned, wrapped = losses("tuned", reshard_after_forward=False, activation_checkpointing_every=2,
+                            reduce_scatter_every_micro_batch=True)
+    assert tuned == pytest.approx(base, rel=1e-6, abs=1e-7)
+    assert "CheckpointWrapper" not in plain[0] and "CheckpointWrapper" in wrapped[0]
+    assert "CheckpointWrapper" not in wrapped[1]  # every 2nd layer only
+    with pytest.raises(ValueError, match="activation_checkpointing_every must be >= 1"):
+        FSDPConfig(activation_checkpointing_every=0)

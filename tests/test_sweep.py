@@ -1,16 +1,22 @@
-"""`ceiling sweep`: branch selection, and a tiny end-to-end sweep that resumes without redoing work."""
+"""`ceiling sweep`: branch selection, the plan, and a tiny sweep run end to end by two `--worker` processes
+(items as child processes) that a plain in-process `ceiling sweep` then resumes without redoing work."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from engine.analysis import load_scene
-from engine.config import DataConfig, ModelConfig, RunConfig
+from engine.cli import main as cli_main
+from engine.config import DataConfig, ModelConfig, RunConfig, dump_config
 from engine.data.synthetic import SyntheticTaskConfig
 from engine.data.tokenizer import build_char_tokenizer
-from engine.rl.trainer import RLConfig
+from engine.errors import ConfigError
+from engine.rl.config import RLConfig
 from engine.sft.trainer import SFTConfig
-from engine.sweep import SceneSpec, Sweep, SweepConfig, SweepJobConfig, select_branches
+from engine.sweep import SceneSpec, Sweep, SweepConfig, SweepJobConfig, item_command, select_branches
 
 pytestmark = pytest.mark.usefixtures("trainer_env")  # tests/conftest.py
 
@@ -31,14 +37,14 @@ def test_sweep_config_rejects():
         SweepConfig(branches=0)
 
 
-def test_tiny_sweep_end_to_end_and_resume(tmp_path):
+def tiny_sweep(tmp_path, **sweep) -> SweepJobConfig:
     model = tmp_path / "model.json"
     model.write_text(json.dumps(dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2,
                                      vocab_size=len(build_char_tokenizer()), max_position_embeddings=256,
                                      tie_word_embeddings=True)))
     task = SyntheticTaskConfig(num_train=128, num_val=16, num_rl=32, num_eval=8, max_ops=2, max_digits=1, seed=1)
-    cfg = SweepJobConfig(
+    return SweepJobConfig(
         run=RunConfig(name="s", output_dir=str(tmp_path / "runs"), progress=False, device="cpu"),
         model=ModelConfig(config=str(model), tokenizer="char"),
         data=DataConfig(synthetic=task, max_seq_len=160),
@@ -46,31 +52,108 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path):
         rl=RLConfig(steps=2, train_batch=2, gen_batch=4, n_samples=4, max_gen_rounds=2, max_prompt_len=96,
                     max_new_tokens=16, micro_batch_tokens=512, lr=1e-4, eval_every=1, eval_samples=1,
                     checkpoint_every=1),
-        sweep=SweepConfig(branches=2, baselines=["luffy"], eval_samples=1, early_stop=True, min_points=2,
-                          patience=1),
+        sweep=SweepConfig(**(dict(branches=1, baselines=["luffy"], eval_samples=1, early_stop=True, min_points=2,
+                                  patience=1) | sweep)),
     )
-    state = Sweep(cfg).run()
+
+
+def ceiling(*args, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "engine.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_two_sweep_workers_end_to_end_then_resume_in_process(tmp_path, capsys):
+    """The real path: two `ceiling sweep CONFIG --worker` processes share the run directory, each item runs as
+    a child process; then a plain `ceiling sweep` (in-process) finds everything done and rewrites the report."""
+    cfg = tiny_sweep(tmp_path)
+    config = tmp_path / "sweep.yaml"
+    dump_config(cfg, config)
     root = tmp_path / "runs" / "s"
+    workers = [ceiling("sweep", config, "--worker", "--heartbeat", 1, "--stale-after", 20, "--poll", 0.5)
+               for _ in range(2)]
+    outs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n\n".join(o[-4000:] for o in outs)
+    ran = [line for o in outs for line in o.splitlines() if line.startswith("worker ")]
+    assert len(ran) == 2 and any("report: " in o for o in outs)
+    pids = {w.pid for w in workers}
+
+    state = Sweep(cfg).state()
     st = state["scenes"]["default"]
-    assert st["branches"] == sorted(st["branches"]) and len(st["branches"]) == 2
-    assert st["sft"]["best"]["step"] in st["branches"]
+    assert st["branches"] == [st["sft"]["best"]["step"]]
     assert set(st["sft_pass1"]) == {"0", "4", "8", "12"}  # base + every SFT checkpoint
-    expected = ["default/sft", "default/sft_eval"] + [f"default/rl/{s}" for s in [0] + st["branches"]] + \
-        ["default/baseline/luffy"]
+    expected = ["default/sft", "default/sft_eval", f"default/rl/{st['branches'][0]}", "default/rl/0",
+                "default/baseline/luffy"]
     assert state["done"] == expected
+    assert all(st["workers"][i]["seconds"] > 0 and st["workers"][i]["pid"] in pids for i in expected)
     scene = load_scene(root / "default" / "scene.json")
-    assert set(scene.branches) <= {0, *st["branches"]} and 0 in scene.branches
+    assert set(scene.branches) == {0, *st["branches"]}
     table = (root / "default" / "table.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [int(r.split("|")[1]) for r in rows] == [0] + st["branches"]  # one row per branch, pure RL first
     report = (root / "sweep_report.md").read_text()
-    for needle in ("a_post.png", "paradigms.png", "LUFFY", "Not computed", "Early stopping, replayed"):
+    for needle in ("a_post.png", "paradigms.png", "LUFFY", "Not computed", "Early stopping, replayed",
+                   "Best branch:", "## Compute: spent vs a full sweep", "| **total** |"):
         assert needle in report
     for png in ("a_post.png", "paradigms.png"):
         assert (root / "default" / png).stat().st_size > 1000
+    assert not list((root / "locks").rglob("*.lock"))
 
     metrics = {p: p.read_text() for p in root.glob("default/*/metrics.jsonl")}
-    assert len(metrics) == 5  # sft, rl_0, two branches, one baseline
-    state = Sweep(cfg).run()  # restarted: nothing is trained or evaluated again
-    assert state["done"] == expected
+    assert len(metrics) == 4  # sft, rl_0, one branch, one baseline
+    (root / "sweep_report.md").unlink()
+    state = Sweep(cfg).run()  # one process, same protocol: nothing is trained or evaluated again
+    assert state["done"] == expected and (root / "sweep_report.md").is_file()
     assert {p: p.read_text() for p in root.glob("default/*/metrics.jsonl")} == metrics
+    assert cli_main(["sweep", str(config), "--plan"]) == 0
+    plan = capsys.readouterr().out
+    assert plan.count(" done ") == len(expected) and "after default/sft" in plan
+
+
+def test_plan_before_anything_ran_and_a_changed_config_is_refused(tmp_path):
+    cfg = tiny_sweep(tmp_path, branches=3, baselines=["luffy", "upt"])
+    sweep = Sweep(cfg)
+    plan = sweep.plan_text()
+    lines = {line.split()[0]: line for line in plan.splitlines()[2:]}
+    assert list(lines) == ["default/sft", "default/sft_eval", "default/rl/0", "default/baseline/luffy",
+                           "default/baseline/upt", "default/rl/<k>"]
+    assert " ready " in lines["default/sft"] and " waiting " in lines["default/sft_eval"]
+    assert "3 RL branches" in lines["default/rl/<k>"]
+    sweep.check_config()
+    assert (tmp_path / "runs" / "s" / "config.yaml").is_file()
+    Sweep(cfg).check_config()  # the same config again: fine
+    with pytest.raises(ConfigError, match="sweep.branches: 3 there, 2 here"):
+        Sweep(tiny_sweep(tmp_path, branches=2, baselines=["luffy", "upt"])).check_config()
+    with pytest.raises(ConfigError, match="no item"):
+        sweep.run_item("default/rl_x")
+    with pytest.raises(ConfigError, match="not done yet"):
+        sweep.run_item("default/sft_eval")
+
+
+def test_slurm_flag_writes_a_checked_sbatch_script(tmp_path, capsys):
+    config = tmp_path / "sweep.yaml"
+    dump_config(tiny_sweep(tmp_path), config)
+    assert cli_main(["sweep", str(config), "--slurm", "--workers", "3", "--gpus-per-worker", "1",
+                     "--partition", "debug"]) == 0
+    script = tmp_path / "runs" / "s" / "sweep.sbatch"
+    assert f"sbatch {script}" in capsys.readouterr().out
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    assert "#SBATCH --array=0-2" in text and "#SBATCH --partition=debug" in text
+    exec_line = next(line for line in text.splitlines() if line.startswith("exec "))
+    assert exec_line.split()[1:] == [sys.executable, "-m", "engine.cli", "sweep", str(script.parent / "config.yaml"),
+                                     "--worker", "--nproc-per-node=1", "--stale-after=600", "--heartbeat=30",
+                                     "--poll=10"]
+    assert (script.parent / "config.yaml").is_file()  # the workers' config, checked by each of them
+
+
+def test_item_command_runs_training_items_under_torchrun():
+    r = Path("/r/items/x.record.json")
+    tail = ["sweep", "/r/config.yaml", "--run-item"]
+    assert item_command("a/sft", "/r/config.yaml", r) == [sys.executable, "-m", "engine.cli", *tail, "a/sft",
+                                                          "--record", str(r)]
+    assert item_command("a/rl/5", "/r/config.yaml", r, nproc_per_node=8)[:6] == [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=8", "-m"]
+    assert item_command("a/sft_eval", "/r/config.yaml", r, nproc_per_node=8)[:3] == [sys.executable, "-m", "engine.cli"]
+    assert item_command("a/sft", "/r/config.yaml", r, launcher="srun --ntasks=1 python -m engine.cli")[:6] == [
+        "srun", "--ntasks=1", "python", "-m", "engine.cli", "sweep"]

@@ -3,16 +3,17 @@
     ceiling fit DATA.json --branch STEP [--train-start S] [--train-points K] [--outlier-threshold T]
                           [--lts-alpha A] [--free-c0] [--json OUT] [--out DIR]
     ceiling fit DATA.json --all [--out DIR] [same fit options] [--json OUT]
-    ceiling fit DATA.json --early-stop [--tol T] [--patience K] [--min-points M] [--out DIR]
-                          [--outlier-threshold T] [--lts-alpha A] [--free-c0] [--json OUT]
+    ceiling fit DATA.json --early-stop [--tol T] [--patience K] [--min-points M] [--min-fraction F] [--span S]
+                          [--out DIR] [--outlier-threshold T] [--lts-alpha A] [--free-c0] [--json OUT]
 
 --branch prints a one-line summary (warnings go to stderr) and, with --json, writes the result object
 (P_sft, PL_rl, A_post, C_mid, B, C0, r2_train, rmse_val, r2_val, n_train, n_val, n_outliers, ...);
 with --out it also draws branch.png. --all prints the Table-4-like table and writes table.md/.csv/.json,
 branches.png and a_post.png under --out (default: fit-<scene>). Exit status 0, or 1 when some branch of
 --all could not be fitted. --early-stop replays every branch through `early_stop.OnlineCeilingMonitor`
-(refit after each evaluation, stop once the last K predicted A_post agree within T points), prints the
-table (points and EFLOPs used, compute saved, A_post at the stop vs. the full fit, |error|) and writes
+(refit after each evaluation, stop once the last K predicted A_post agree within T points and at least F
+of the branch's compute is spent), prints the table (points and EFLOPs used, compute saved, A_post at the
+stop vs. the full fit, |error|) and the branch a user would pick against the full sweep's best, and writes
 early_stop.md/.json and early_stop.png under --out (default: fit-<scene>); exit 1 when some branch's full
 fit failed. Bad input raises `CeilingError` (the main CLI prints it and exits 2).
 
@@ -27,7 +28,7 @@ import sys
 from pathlib import Path
 
 from engine.analysis.data import load_scene
-from engine.analysis.early_stop import EarlyStopConfig, replay_scene
+from engine.analysis.early_stop import EarlyStopConfig, decide, replay_scene
 from engine.analysis.fit import FitConfig, FitResult, fit_branch, fit_scene
 from engine.analysis.report import (
     Row,
@@ -61,6 +62,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help=f"--early-stop: consecutive refits that must agree (default {stop.patience})")
     p.add_argument("--min-points", type=int, default=stop.min_points, metavar="M",
                    help=f"--early-stop: points, anchor included, before the first refit (default {stop.min_points})")
+    p.add_argument("--min-fraction", type=float, default=stop.min_fraction, metavar="F",
+                   help=f"--early-stop: no stop before this fraction of the branch's compute (default {stop.min_fraction})")
+    p.add_argument("--span", type=float, default=stop.span, metavar="S",
+                   help="--early-stop: the refits within the last S of the compute seen must agree too "
+                        f"(default {stop.span})")
     p.add_argument("--train-start", type=int, default=0, metavar="S", help="first train point index (default 0)")
     p.add_argument("--train-points", type=int, default=None, metavar="K",
                    help="number of train points (default: 85%% of the points from S)")
@@ -140,10 +146,12 @@ def _main_early_stop(args, scene, config: FitConfig) -> int:
     if args.train_start != 0 or args.train_points is not None:
         raise CeilingError("--early-stop fits all the points seen so far: --train-start and --train-points "
                            "do not apply (the full-branch reference uses the default split)")
-    stop = EarlyStopConfig(tol=args.tol, patience=args.patience, min_points=args.min_points)
+    stop = EarlyStopConfig(tol=args.tol, patience=args.patience, min_points=args.min_points,
+                           min_fraction=args.min_fraction, span=args.span)
     results = replay_scene(scene, stop, config)
     title = (f"{scene.name}: early stop (tol {stop.tol:g}, patience {stop.patience}, min points "
-             f"{stop.min_points}; {'LTS alpha=' + str(config.lts_alpha) if config.lts_alpha else 'plain'} fits)")
+             f"{stop.min_points}, min fraction {stop.min_fraction:g}, span {stop.span:g}; "
+             f"{'LTS alpha=' + str(config.lts_alpha) if config.lts_alpha else 'plain'} fits)")
     out = args.out or Path(f"fit-{scene.name}")
     try:
         paths = write_early_stop_tables(results, out, title)
@@ -151,6 +159,7 @@ def _main_early_stop(args, scene, config: FitConfig) -> int:
     except OSError as e:
         raise CeilingError(f"{out}: cannot write: {e.strerror or e}") from None
     print(early_stop_markdown(results, title), end="")
+    print("\n" + decide(results).summary())
     if args.json:
         _write_json(args.json, [r.to_dict() for r in results])
     print("wrote " + ", ".join(str(p) for p in [*paths.values(), fig]))

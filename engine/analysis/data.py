@@ -85,13 +85,21 @@ def load_scene(path: str | Path) -> Scene:
     """Read and validate a scene JSON file; raise `DataError` naming the file and field on any problem."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path.name}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path.name}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise DataError(f"{path.name}: invalid JSON: nested too deeply") from None
+    try:  # a `\\ud800` escape decodes to a lone surrogate, which no output file can hold
+        json.dumps(raw, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{path.name}: a string holds a lone surrogate escape ({e.object[e.start]!r})") from None
     return parse_scene(raw, name=path.stem, where=path.name, path=path)
 
 
@@ -228,6 +236,8 @@ class _Validator:
     def number(self, x: object, where: str, nonneg: bool = False) -> float:
         if isinstance(x, bool) or not isinstance(x, (int, float)):
             self.fail(where, f"expected a number, got {type(x).__name__}")
+        if isinstance(x, int) and abs(x) > 1e300:  # json reads any digit string as an int; float() would overflow
+            self.fail(where, f"number out of range ({str(x)[:20]}...)")
         if not math.isfinite(x):
             self.fail(where, f"not a finite number ({x})")  # json accepts NaN/Infinity literals
         if nonneg and x < 0:

@@ -14,7 +14,8 @@ response tail (the sample is dropped if the prompt leaves no room for a response
 A malformed row raises `DataError("file.jsonl:17: missing field 'response'")` (Parquet: "file:row N").
 
 `load_prompt_rows` reads RL prompt sets ({prompt, answer, optional id and response}) the same way.
-Rows are read and tokenized in chunks, so memory stays proportional to the kept samples.
+Rows are read and tokenized in chunks, so memory stays proportional to the kept samples. Training does
+not hold samples in memory: engine/data/token_store.py writes them once to flat files it reads lazily.
 """
 
 from __future__ import annotations
@@ -127,28 +128,33 @@ def iter_raw_rows(path: str | Path) -> Iterator[tuple[_Where, Any]]:
             pf = pq.ParquetFile(path)
         except Exception as exc:  # pyarrow raises several types for a bad file
             raise DataError(f"{path}: not a readable Parquet file: {exc}") from exc
-        index = 0
-        for batch in pf.iter_batches(batch_size=CHUNK_ROWS):
-            for row in batch.to_pylist():
+        index, batches = 0, pf.iter_batches(batch_size=CHUNK_ROWS)
+        while True:
+            try:  # a damaged page or column chunk fails here, not when the file is opened
+                batch = next(batches, None)
+                rows = batch.to_pylist() if batch is not None else []
+            except Exception as exc:
+                raise DataError(f"{path}:row {index}: cannot read the Parquet data from here on: {exc}") from exc
+            if batch is None:
+                return
+            for row in rows:
                 yield _Where(str(path), index, parquet=True), row
                 index += 1
-        return
-    with path.open("r", encoding="utf-8") as f:
-        lineno = 0
-        while True:
+    with path.open("rb") as f:  # decoded line by line, so a bad byte is reported on its own line
+        for lineno, raw in enumerate(f, start=1):
             try:
-                line = f.readline()
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{lineno + 1}: not valid UTF-8: {exc}") from exc
-            if not line:
-                return
-            lineno += 1
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {exc.start} of the line: "
+                                f"{raw[exc.start:exc.start + 1]!r}, {exc.reason})") from None
             if not line.strip():
                 continue  # blank lines (e.g. a trailing newline) are not rows
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: bad JSON: {exc.msg} (column {exc.colno})") from exc
+            except RecursionError:
+                raise DataError(f"{path}:{lineno}: bad JSON: nested too deeply") from None
             yield _Where(str(path), lineno), row
 
 
@@ -160,6 +166,16 @@ def _text(where: _Where, row: dict, key: str) -> str:
         raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
     if not value.strip():
         raise DataError(f"{where}: field {key!r} is empty")
+    return _unicode(where, key, value)
+
+
+def _unicode(where: _Where, key: str, value: str) -> str:
+    """`value`, if it can be encoded (JSON's `\\ud800` escapes decode to lone surrogates, which tokenizers reject)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(f"{where}: field {key!r} is not valid Unicode: a lone surrogate "
+                        f"{value[exc.start]!r} at character {exc.start}") from None
     return value
 
 
@@ -174,7 +190,7 @@ def _answer(where: _Where, row: dict, required: bool) -> str | None:
     value = str(value)
     if not value.strip():
         raise DataError(f"{where}: field 'answer' is empty")
-    return value
+    return _unicode(where, "answer", value)
 
 
 def _messages(where: _Where, value: Any, key: str) -> list[dict[str, str]]:
@@ -189,7 +205,7 @@ def _messages(where: _Where, value: Any, key: str) -> list[dict[str, str]]:
             raise DataError(f"{where}: {key}[{i}].role must be one of {ROLES}, got {role!r}")
         if not isinstance(content, str):
             raise DataError(f"{where}: {key}[{i}].content must be a string, got {type(content).__name__}")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": _unicode(where, f"{key}[{i}].content", content)})
     return out
 
 
@@ -332,6 +348,12 @@ def load_sft_file(
 ) -> tuple[list[SFTSample], DatasetStats]:
     """Read, validate and tokenize one SFT file; logs how many samples were truncated/dropped."""
     samples, stats = tokenize_rows(iter_sft_rows(path), tokenizer, max_seq_len, overlong)
+    report_stats(path, stats, max_seq_len, overlong)
+    return samples, stats
+
+
+def report_stats(path: str | Path, stats: DatasetStats, max_seq_len: int, overlong: str) -> None:
+    """Log truncated/dropped/unknown-token counts of one file; raise when it gave no sample."""
     if stats.num_rows == 0:
         raise DataError(f"{path}: no rows")
     if stats.num_truncated or stats.num_dropped:
@@ -353,4 +375,3 @@ def load_sft_file(
             f"{path}: all {stats.num_rows} rows are longer than max_seq_len={max_seq_len} "
             f"(overlong={overlong!r})"
         )
-    return samples, stats

@@ -5,10 +5,13 @@ their boundaries. No token may attend across a boundary. Backends, picked once p
 
     varlen      torch.nn.attention.varlen.varlen_attn (CUDA, flash kernels, no [T, T] mask)
     flash_attn  flash_attn.flash_attn_varlen_func (CUDA, when the package is installed)
-    sdpa        one causal SDPA call over a right-padded view of the sequences: exact, any device
-                (the CPU path, and the NPU path until torch_npu's fused attention is wired in)
+    npu_fusion  torch_npu.npu_fusion_attention in the TND varlen layout (Ascend; written against torch_npu's
+                documented API, NOT run here: no NPU is available to this project)
+    sdpa        one causal SDPA call over a right-padded view of the sequences: exact, any device (CPU)
 
-`auto` takes flash_attn, then varlen, on CUDA, and sdpa elsewhere. The model receives cu_seqlens
+`auto` takes flash_attn, then varlen, on CUDA, npu_fusion on NPU, and sdpa elsewhere. The sdpa and
+npu_fusion paths need the sequence boundaries on the host: PackedCausalLM passes them once per forward
+(`seq_ends_host`), so there is no device-to-host sync in every layer. The model receives cu_seqlens
 through transformers' attention kwargs (`cu_seq_lens_q`, `max_length_q`); since this implementation
 has no mask function registered, transformers builds no [T, T] mask for it.
 Shapes: query_BHSD (B = 1 row), key/value_BKSD with K kv-heads (GQA), output_BSHD.
@@ -26,7 +29,8 @@ from transformers import AttentionInterface
 log = logging.getLogger("ceiling")
 
 PACKED_ATTENTION = "ceiling_packed"
-BACKENDS = ("auto", "varlen", "flash_attn", "sdpa")
+BACKENDS = ("auto", "varlen", "flash_attn", "npu_fusion", "sdpa")
+NPU_CAUSAL_MASK_SIZE = 2048  # sparse_mode=3 takes a fixed 2048 x 2048 upper-triangular mask
 _backend = "auto"
 
 
@@ -53,10 +57,17 @@ def resolve_backend(device: torch.device) -> str:
             return "varlen"
         except ImportError:
             pass
+    if device.type == "npu":
+        return "npu_fusion"
     return "sdpa"
 
 
-def _sdpa_padded(q_HTD, k_KTD, v_KTD, cu_seqlens, scale):
+def needs_host_boundaries(device: torch.device) -> bool:
+    """Whether attention on `device` reads cu_seqlens on the host (then the caller hands them over once)."""
+    return resolve_backend(device) in ("sdpa", "npu_fusion")
+
+
+def _sdpa_padded(q_HTD, k_KTD, v_KTD, bounds: list[int], scale):
     """One causal SDPA call over the sequences scattered into a right-padded [B, H, L, D] view.
 
     Exact for every real token: with right padding, a causal query at position i only sees keys
@@ -65,7 +76,6 @@ def _sdpa_padded(q_HTD, k_KTD, v_KTD, cu_seqlens, scale):
     When padding would more than quadruple the work (one long sequence among many short ones), each
     sequence gets its own SDPA call instead.
     """
-    bounds = cu_seqlens.tolist()  # host copy; free on CPU, one small sync elsewhere
     lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
     num_seqs, max_len, total = len(lengths), max(lengths, default=0), bounds[-1]
     gqa = q_HTD.shape[0] != k_KTD.shape[0]
@@ -105,6 +115,26 @@ def _torch_varlen(q_THD, k_TKD, v_TKD, cu_seqlens, max_seqlen, scale):
     return varlen_attn(q_THD, k_TKD, v_TKD, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
 
 
+_npu_masks: dict[torch.device, torch.Tensor] = {}
+
+
+def _npu_fusion_varlen(q_THD, k_TKD, v_TKD, seq_ends: list[int], scale):
+    """Causal varlen attention on Ascend: TND layout, cumulative sequence ends as host lists (no sync).
+
+    Written against torch_npu's documented `npu_fusion_attention`; NOT run here (no NPU available).
+    """
+    import torch_npu
+
+    device = q_THD.device
+    if device not in _npu_masks:  # sparse_mode=3 (right-down causal) takes this fixed compressed mask
+        size = NPU_CAUSAL_MASK_SIZE
+        _npu_masks[device] = torch.triu(torch.ones(size, size, dtype=torch.bool, device=device), diagonal=1)
+    out = torch_npu.npu_fusion_attention(
+        q_THD, k_TKD, v_TKD, q_THD.shape[1], "TND", atten_mask=_npu_masks[device], scale=scale,
+        actual_seq_qlen=seq_ends, actual_seq_kvlen=seq_ends, sparse_mode=3)
+    return out[0]
+
+
 def packed_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     if cu_seqlens is None:
@@ -116,10 +146,15 @@ def packed_attention_forward(module, query, key, value, attention_mask, scaling=
         raise ValueError(f"packed attention expects one row of packed tokens, got batch {query.shape[0]}")
     max_seqlen = int(kwargs.get("max_length_q") or 0)
     backend = resolve_backend(query.device)
+    seq_ends = kwargs.get("seq_ends_host")
+    if backend in ("sdpa", "npu_fusion") and seq_ends is None:
+        seq_ends = cu_seqlens[1:].tolist()  # a host sync per layer: callers should pass seq_ends_host
     if backend == "sdpa":
-        out_HTD = _sdpa_padded(query[0], key[0], value[0], cu_seqlens, scaling)
+        out_HTD = _sdpa_padded(query[0], key[0], value[0], [0, *seq_ends], scaling)
         return out_HTD.transpose(0, 1)[None].contiguous(), None
     q_THD, k_TKD, v_TKD = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    if backend == "npu_fusion":
+        return _npu_fusion_varlen(q_THD, k_TKD, v_TKD, list(seq_ends), scaling)[None], None
     cu_seqlens = cu_seqlens.to(torch.int32)
     if backend == "flash_attn":
         from flash_attn import flash_attn_varlen_func

@@ -5,7 +5,9 @@
     loss = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, loss_fn)
 
 `build_model` loads a local HF directory (weights and config; never downloads) or builds a model with
-random weights from an HF `config.json` (seeded, so every rank builds the same one). Attention runs
+random weights from an HF `config.json` (seeded, so every rank builds the same one). With `meta=True` it
+builds a local HF directory's architecture without memory; the trainers then shard it and each rank reads
+only its shard (engine/models/hf_checkpoint.py), so no rank holds the full model. Attention runs
 over packed sequences (engine/models/attention.py).
 
 `PackedCausalLM.forward` runs the decoder to hidden states h_TH and hands them, with the LM-head
@@ -26,7 +28,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from engine.errors import CeilingError
-from engine.models.attention import PACKED_ATTENTION
+from engine.models.attention import PACKED_ATTENTION, needs_host_boundaries
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3")
 
@@ -49,14 +51,25 @@ def load_model_config(path: str | Path):
 
 def build_model(
     *, path: str | Path | None = None, config: str | Path | None = None, dtype: torch.dtype = torch.float32,
-    seed: int = 0,
+    seed: int = 0, meta: bool = False,
 ) -> PreTrainedModel:
-    """Load weights from a local HF dir (`path`), or build random weights from `config`."""
+    """Load weights from a local HF dir (`path`), or build random weights from `config`.
+
+    `meta=True` (with `path`) builds the architecture on the meta device and loads nothing: the caller shards
+    it and fills the shards with `engine.models.hf_checkpoint.load_hf_sharded`.
+    """
     if (path is None) == (config is None):
         raise CeilingError("model: set exactly one of model.path (a local HF directory) or model.config")
+    if meta and path is None:
+        raise CeilingError("build_model: meta=True needs a path to load the weights from")
     if path is not None:
         if not Path(path).is_dir():
             raise CeilingError(f"model.path: {path} is not a directory")
+    if meta:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(load_model_config(path), dtype=dtype,
+                                                     attn_implementation=PACKED_ATTENTION)
+    elif path is not None:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=PACKED_ATTENTION, local_files_only=True
         )
@@ -92,6 +105,9 @@ class PackedCausalLM(nn.Module):
         max_seqlen: int,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], object],
     ):
+        extra = {}
+        if needs_host_boundaries(input_ids_T.device):  # once per forward, not once per layer
+            extra["seq_ends_host"] = cu_seqlens[1:].tolist()
         out = self.decoder(
             input_ids=input_ids_T[None],
             position_ids=position_ids_T[None],
@@ -100,6 +116,7 @@ class PackedCausalLM(nn.Module):
             max_length_q=max_seqlen,
             max_length_k=max_seqlen,
             use_cache=False,
+            **extra,
         )
         h_TH = out.last_hidden_state[0]
         return loss_fn(h_TH, self.hf.get_output_embeddings().weight)

@@ -1,26 +1,30 @@
 """RL building blocks, pure functions over tensors and lists (no rollout, no ranks).
 
-    algorithms   advantages, per-token loss weights of GRPO / DAPO / LUFFY / SRFT / UPT, aggregation, KL
+    algorithms   advantages, per-token loss weights of GRPO / DAPO / LUFFY / SRFT / UPT, normalisers, KL
     sampling     DAPO dynamic sampling (drop all-equal groups, generate until the batch is full)
+    update       one micro-batch's loss_fn: weights from the training forward (SRFT entropy, KL), fused loss
 """
 
 from engine.rl.algorithms import (
     AGGREGATIONS,
     ALGORITHMS,
     AlgorithmSpec,
+    LossNormalizers,
     RLBatch,
     SeqWeights,
     TokenWeights,
     WeightParams,
     aggregate,
+    loss_normalizers,
     normalizer_count,
     sequence_weights,
     token_weights,
 )
-from engine.rl.sampling import Group, SamplingResult, dynamic_sampling
+from engine.rl.sampling import Group, SamplingResult, UnfilledBatchError, dynamic_sampling
+from engine.rl.update import LossSettings, MicroBatchLoss
 
 __all__ = [
-    "AGGREGATIONS", "ALGORITHMS", "AlgorithmSpec", "Group", "RLBatch", "SamplingResult", "SeqWeights",
-    "TokenWeights", "WeightParams", "aggregate", "dynamic_sampling", "normalizer_count", "sequence_weights",
-    "token_weights",
+    "AGGREGATIONS", "ALGORITHMS", "AlgorithmSpec", "Group", "LossNormalizers", "LossSettings", "MicroBatchLoss",
+    "RLBatch", "SamplingResult", "SeqWeights", "TokenWeights", "UnfilledBatchError", "WeightParams", "aggregate",
+    "dynamic_sampling", "loss_normalizers", "normalizer_count", "sequence_weights", "token_weights",
 ]

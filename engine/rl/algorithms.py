@@ -1,28 +1,35 @@
 """RL algorithms as per-token weights for the one fused loss (`engine.losses.linear_policy_loss`).
 
-Every algorithm of the paper (RETU, arXiv 2512.11470, Section 3 / Appendix B) is a choice of five per-token
-tensors for the fused loss, which computes per token t
+Every algorithm of the paper (RETU, arXiv 2512.11470, Section 3 / Appendix B) is a choice of per-token
+tensors for the fused loss, which computes per token t (logits divided by the sampling temperature T)
 
     loss_t = sft_weight_t * (-logp_t) + pg_weight_t * PG_t - entropy_coef * H_t
     PG_t   = -min(r A_t, clip(r, 1 - eps_low, 1 + eps_high) A_t),  r = exp(logp_t - old_logp_t)   on-policy
+             and, with a dual-clip bound c and A_t < 0, min(PG_t, -c A_t)
     PG_t   = -(pi_t / (pi_t + gamma)) A_t,  pi_t = exp(logp_t)  (behaviour prob 1, no clip)   off_policy_t
     loss   = sum_t loss_mask_t * loss_t / normalizer
 
-This module decides those tensors from per-sequence facts (reward, group id, expert or on-policy) in three
-pure steps, none of which knows about rollout, ranks or the model:
+This module decides those tensors from per-sequence facts (reward, group id, expert or on-policy) in pure
+steps, none of which knows about rollout, ranks or the model:
 
     1. advantages   adv_S = spec.advantage_fn(batch, params)            one value per sequence
     2. weights      SeqWeights = spec.weight_fn(batch, adv_S, params)   sft / pg / off-policy / trained
-    3. tokens       TokenWeights = to_tokens(seq, cu_seqlens, response_mask_T), then `aggregate(...)`
+    3. normalisers  loss_normalizers(...) and scale_expert_sft(...)      one normaliser per loss term
+    4. tokens       TokenWeights = to_tokens(seq, cu_seqlens, response_mask_T), then `aggregate(...)`
 
-Advantages (group = the samples of one prompt):
-    GRPO   A_i = (R_i - mean_g R) / (std_g R + eps) over the group's on-policy samples. std is the
-           unbiased (n-1) estimate, as torch.std / verl; a group of one has std 0 and A = 0.
-    LUFFY  A_i = R_i - mean_g R over the mixed group (on-policy + expert), no std (as the paper states).
-    SRFT   same as LUFFY (used by its off-policy expert term; its on-policy terms take no advantage).
-    UPT    GRPO over the on-policy samples.
+The reference code is mapped in shared/notes/reference-code-map.md ("map §n" below): RETU (LINs-lab/RETU,
+DAPO_dc), and the UPT-repo (TsinghuaC3I/Unify-Post-Training, `hpt/verl/verl/mix_src/`) for LUFFY, SRFT and
+UPT. Every default below follows that code; each choice is a field of `WeightParams` / `AlgorithmSpec`.
 
-Weights per sequence (pos = on-policy with R > 0, neg = on-policy with R <= 0):
+Advantages (group = the samples of one prompt; map §1):
+    GRPO   A_i = (R_i - mean_g R) / (std_g R + eps) over the group's on-policy samples; std is the unbiased
+           (n-1) estimate, as torch.std / verl. `adv_std=False` gives A_i = R_i - mean_g R.
+           A group of one has mean 0 and std 1, so A = R / (1 + eps) (R without std), as verl and the UPT-repo.
+    LUFFY  A_i = R_i - mean_g R over the mixed group (on-policy + expert), no std (map §4: grpo_use_std=False).
+    SRFT   same as LUFFY (its off-policy expert term uses it; its on-policy terms take no advantage).
+    UPT    R_i - mean_g R over the on-policy samples, no std (map §6: train.sh:107).
+
+Weights per sequence (pos = on-policy with R == 1, the UPT-repo's `correct_answer_mask`; neg = the others):
 
     | algorithm   | sequences     | sft_weight | pg_weight | off_policy | trained              |
     |-------------|---------------|------------|-----------|------------|----------------------|
@@ -30,37 +37,47 @@ Weights per sequence (pos = on-policy with R > 0, neg = on-policy with R <= 0):
     | GRPO / DAPO | on-policy     | 0          | 1         | no         | yes (expert: error)  |
     | LUFFY       | on-policy     | 0          | 1         | no         | yes                  |
     |             | expert        | 0          | 1         | yes        | yes                  |
-    | SRFT        | expert        | w1         | 1         | yes        | yes                  |
-    |             | pos           | w2         | 0         | no         | yes                  |
+    | SRFT        | expert        | w1(H_i)    | 1         | yes        | yes                  |
+    |             | pos           | w2(H_i)    | 0         | no         | yes                  |
     |             | neg           | -1         | 0         | no         | yes                  |
     | UPT         | gate SFT      | 1 (expert) | 0         | no         | expert only          |
     |             | gate RL       | 0          | 1         | no         | on-policy only       |
 
-SRFT: w1 = 0.5 sg(exp(-H)), w2 = 0.1 sg(exp(H)), H the token-averaged policy entropy. The fused loss
-reports entropy only after its forward, so the weights take H as a number known before the update:
-`srft_weights(mean_entropy)`. The trainer's default source is `entropy_from_logprobs(rollout logprobs)`,
--mean_t log pi(y_t) over the batch's sampled on-policy tokens: with y_t ~ pi this is an unbiased Monte-Carlo
-estimate of the token-averaged entropy of the rollout policy (exact in expectation at temperature 1,
-top_p 1), i.e. of the policy right before this update. The mean of the fused loss's `entropy` output of
-the previous forward is an equally valid source.
+SRFT (map §5): w1 = 0.5 exp(-H_i), w2 = 0.1 exp(H_i), stop-gradient, with H_i the mean entropy of sequence i's
+own response tokens under the current policy, taken from the training forward (UPT-repo mix_actor.py:349-353).
+The fused loss needs its weights before it runs, so `engine.rl.update` computes H_i from a no-grad LM-head pass
+on the hidden states of the same training forward and fills `srft_sft_weights(...)` in; until then
+`sequence_weights("srft")` leaves NaN in those rows (`AlgorithmSpec.entropy_weights`).
 
-UPT gate (per prompt): p = mean reward of the prompt's on-policy samples; p <= gamma -> SFT on its expert
-trajectory (its on-policy samples are not trained), else GRPO on its on-policy samples (its expert
-trajectory is not trained). gamma defaults to 0 (SFT only when every rollout fails), the value of the UPT
-paper's main runs; `WeightParams.upt_gamma` changes it. A prompt with no on-policy samples counts as p = 0.
+UPT gate (per prompt; map §6): p = mean reward of the prompt's on-policy samples; p <= gamma -> SFT on its
+expert trajectory (its on-policy samples are not trained), else RL on its on-policy samples (its expert
+trajectory is not trained). gamma defaults to 0 (SFT only when every rollout fails), the UPT-repo's
+switch_gate=0. A prompt with no on-policy samples counts as p = 0. Untrained sequences are dropped before
+packing, so neither the update nor the compute count (Eq. 26-27) sees them.
 
-Aggregation (`aggregate`), as a per-token scale s_t and a normalizer known before the kernel runs:
-    token-mean            s_t = 1,              normalizer = trained tokens in the global batch (default)
-    seq-mean-token-mean   s_t = 1 / |seq(t)|,   normalizer = trained sequences in the global batch
-    seq-mean-token-sum    s_t = 1,              normalizer = trained sequences in the global batch
-|seq| counts the sequence's trained tokens. s_t is folded into loss_mask_t (the fused loss multiplies the
-whole per-token loss by it), which scales the SFT, PG and entropy terms alike; folding it into sft_weight
-and pg_weight instead would leave the entropy bonus unscaled.
+Clipping: the UPT-repo runs LUFFY, SRFT and UPT with `loss_remove_clip=True` (map §4-6), i.e. PG = -A r;
+their specs say so with eps_low = 1 and eps_high = inf (clip(r, 0, inf) = r for r > 0). Dual-clip bound c
+(verl compute_policy_loss_vanilla, map §1): DAPO_dc 10 (RETU launcher); None (off) for the others (the
+UPT-repo's compute_policy_loss has none).
 
-KL to a reference (optional, coefficient 0 by default): `kl_estimate` gives k1 = logp - ref_logp and
-k3 = exp(ref - logp) - (ref - logp) - 1 per token (for logging); `fold_kl` adds kl_coef * k as a loss term
-through sft_weight, exact in gradient at the logp it is given (the rollout / old logp, i.e. exact for
-the first update on a rollout batch): d(-sft_t logp_t)/dlogp_t = -sft_t = kl_coef dk/dlogp_t.
+Loss normalisers, one per term (`loss_normalizers`), all known before the kernel runs:
+    RL terms (PG, SRFT's on-policy log-likelihood terms, KL): the aggregation
+        token-mean            s_t = 1,              normalizer = trained tokens in the global batch
+        seq-mean-token-mean   s_t = 1 / |seq(t)|,   normalizer = trained sequences in the global batch
+        seq-mean-token-sum    s_t = 1,              normalizer = trained sequences in the global batch
+        token-sum-norm        s_t = 1,              normalizer = a constant (`norm_tokens`), verl's
+                              seq-mean-token-sum-norm / the UPT-repo's loss_remove_token_mean: sum / L_pad
+      |seq| counts the sequence's trained tokens. s_t is folded into loss_mask_t.
+    SFT on expert trajectories (SRFT's w1 term, UPT's gated SFT), sft_norm="expert-token-mean" (the reference,
+      compute_sft_pure_loss): its own token mean over the expert tokens; "shared" puts it under the RL
+      normaliser. Folded into sft_weight by `scale_expert_sft`: x N_rl / (N_sft s_t).
+    Entropy bonus: with token-sum-norm a token mean over the trained tokens (the UPT-repo's masked_mean);
+      otherwise aggregated like the RL term (verl's agg_loss). Folded into the coefficient: x N_rl / N_ent.
+
+KL to a reference (optional, coefficient 0 in every reference run): `kl_estimate` gives k1 = logp - ref and
+k3 = exp(ref - logp) - (ref - logp) - 1 per token; `fold_kl` adds kl_coef * k as a loss term through
+sft_weight, exact in gradient at the logp it is given: d(-sft_t logp_t)/dlogp_t = -sft_t = kl_coef dk/dlogp_t.
+`engine.rl.update` gives it the current logp of each mini-batch (from the training forward).
 
 Shapes: _S one value per sequence, _T per packed token, _S1 = S + 1 boundaries (cu_seqlens).
 `policy_loss_reference` is the plain-torch per-token loss above, used by tests as ground truth.
@@ -75,13 +92,15 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 __all__ = [
-    "AGGREGATIONS", "ALGORITHMS", "AlgorithmSpec", "RLBatch", "SeqWeights", "TokenWeights", "WeightParams",
-    "aggregate", "entropy_from_logprobs", "fold_kl", "group_mean_advantages", "grpo_advantages",
-    "group_stats", "kl_estimate", "normalizer_count", "policy_loss_reference", "sequence_weights",
-    "sft_weights", "srft_weights", "to_tokens", "token_weights", "upt_sft_gate",
+    "AGGREGATIONS", "ALGORITHMS", "SFT_NORMS", "AlgorithmSpec", "LossNormalizers", "RLBatch", "SeqWeights",
+    "TokenWeights", "WeightParams", "aggregate", "entropy_coef_scale", "fold_kl", "group_mean_advantages",
+    "grpo_advantages", "group_stats", "kl_estimate", "loss_normalizers", "normalizer_count", "per_sequence_mean",
+    "policy_loss_reference", "scale_expert_sft", "sequence_weights", "sft_weights", "srft_sft_weights",
+    "to_tokens", "token_weights", "upt_sft_gate",
 ]
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum-norm")
+SFT_NORMS = ("expert-token-mean", "shared")
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -120,13 +139,14 @@ class RLBatch:
 class WeightParams:
     """Hyper-parameters the weight functions read; each algorithm ignores the ones it does not use."""
 
-    upt_gamma: float = 0.0  # UPT: SFT when the prompt's mean on-policy reward p <= upt_gamma
-    mean_entropy: float | None = None  # SRFT: token-averaged policy entropy H (nats), see module docstring
-    adv_eps: float = 1e-6  # GRPO: (R - mean) / (std + adv_eps)
+    upt_gamma: float = 0.0
+    """UPT: SFT when the prompt's mean on-policy reward p <= upt_gamma."""
+    adv_eps: float = 1e-6
+    """GRPO: (R - mean) / (std + adv_eps)."""
+    adv_std: bool | None = None
+    """Divide group-centred rewards by the group std; None: the algorithm's choice (`AlgorithmSpec.adv_std`)."""
 
     def __post_init__(self):
-        if self.mean_entropy is not None and not (math.isfinite(self.mean_entropy) and self.mean_entropy >= 0):
-            raise ValueError(f"mean_entropy must be a finite number >= 0, got {self.mean_entropy}")
         if not math.isfinite(self.upt_gamma):
             raise ValueError(f"upt_gamma must be finite, got {self.upt_gamma}")
         if self.adv_eps < 0:
@@ -135,13 +155,24 @@ class WeightParams:
 
 @dataclass(frozen=True)
 class SeqWeights:
-    """Per-sequence loss weights; `trained_S` False means the sequence contributes nothing."""
+    """Per-sequence loss weights; `trained_S` False means the sequence contributes nothing.
+
+    expert_sft_S marks the sequences whose sft_weight is an SFT term on an expert trajectory (SRFT's w1, UPT's
+    gated SFT), which `scale_expert_sft` gives its own normaliser; None means no such sequence.
+    """
 
     advantages_S: torch.Tensor
     sft_weight_S: torch.Tensor
     pg_weight_S: torch.Tensor
     off_policy_S: torch.Tensor
     trained_S: torch.Tensor
+    expert_sft_S: torch.Tensor | None = None
+
+    def select(self, idx) -> SeqWeights:
+        """The weights of sequences `idx` (an index list or tensor); copies."""
+        return SeqWeights(*(None if t is None else t[idx] for t in (
+            self.advantages_S, self.sft_weight_S, self.pg_weight_S, self.off_policy_S, self.trained_S,
+            self.expert_sft_S)))
 
 
 @dataclass(frozen=True)
@@ -183,45 +214,50 @@ def group_stats(values_S: torch.Tensor, group_ids_S: torch.Tensor, member_S: tor
 
 
 def grpo_advantages(rewards_S: torch.Tensor, group_ids_S: torch.Tensor, member_S: torch.Tensor | None = None,
-                    eps: float = 1e-6) -> torch.Tensor:
-    """GRPO: (R - mean_g) / (std_g + eps) over the members (default all) of each group; 0 for non-members.
+                    eps: float = 1e-6, use_std: bool = True) -> torch.Tensor:
+    """GRPO: (R - mean_g) / (std_g + eps) (or R - mean_g without std) over the members (default all) of each
+    group; 0 for non-members. A group of one member has mean 0, std 1: A = R / (1 + eps), as verl.
 
     rewards_S [S] float, group_ids_S [S] int (any ids; equal id = same prompt) -> advantages_S [S] fp32.
     """
-    mean_S, std_S, _ = group_stats(rewards_S, group_ids_S, member_S)
-    adv_S = (rewards_S.float() - mean_S) / (std_S + eps)
+    mean_S, std_S, count_S = group_stats(rewards_S, group_ids_S, member_S)
+    single = count_S == 1
+    mean_S = torch.where(single, torch.zeros_like(mean_S), mean_S)
+    adv_S = rewards_S.float() - mean_S
+    if use_std:
+        adv_S = adv_S / (torch.where(single, torch.ones_like(std_S), std_S) + eps)
     return adv_S if member_S is None else torch.where(member_S, adv_S, torch.zeros_like(adv_S))
 
 
 def group_mean_advantages(rewards_S: torch.Tensor, group_ids_S: torch.Tensor,
                           member_S: torch.Tensor | None = None) -> torch.Tensor:
     """LUFFY: R - mean_g over the members (default all: the mixed on-policy + expert group), no std."""
-    mean_S, _, _ = group_stats(rewards_S, group_ids_S, member_S)
-    adv_S = rewards_S.float() - mean_S
-    return adv_S if member_S is None else torch.where(member_S, adv_S, torch.zeros_like(adv_S))
+    return grpo_advantages(rewards_S, group_ids_S, member_S, use_std=False)
 
 
-def _onpolicy_grpo(batch: RLBatch, params: WeightParams) -> torch.Tensor:
-    return grpo_advantages(batch.rewards_S, batch.group_ids_S, ~batch.is_expert_S, eps=params.adv_eps)
+def _onpolicy_grpo(batch: RLBatch, params: WeightParams, use_std: bool) -> torch.Tensor:
+    return grpo_advantages(batch.rewards_S, batch.group_ids_S, ~batch.is_expert_S, eps=params.adv_eps,
+                           use_std=use_std)
 
 
-def _mixed_group_mean(batch: RLBatch, params: WeightParams) -> torch.Tensor:
-    return group_mean_advantages(batch.rewards_S, batch.group_ids_S)
+def _mixed_group(batch: RLBatch, params: WeightParams, use_std: bool) -> torch.Tensor:
+    return grpo_advantages(batch.rewards_S, batch.group_ids_S, eps=params.adv_eps, use_std=use_std)
 
 
 # ----------------------------------------------------------------------------------------- weights
 
 
-def _seq_weights(adv_S, sft_S, pg_S, off_S, trained_S) -> SeqWeights:
+def _seq_weights(adv_S, sft_S, pg_S, off_S, trained_S, expert_sft_S=None) -> SeqWeights:
     z = torch.zeros_like(adv_S)
     return SeqWeights(torch.where(trained_S, adv_S, z), torch.where(trained_S, sft_S, z),
-                      torch.where(trained_S, pg_S, z), off_S & trained_S, trained_S)
+                      torch.where(trained_S, pg_S, z), off_S & trained_S, trained_S,
+                      None if expert_sft_S is None else expert_sft_S & trained_S)
 
 
 def sft_weights(batch: RLBatch, adv_S: torch.Tensor, params: WeightParams) -> SeqWeights:
     """SFT: -logp on the expert sequences; on-policy sequences are not trained."""
     e = batch.is_expert_S
-    return _seq_weights(torch.zeros_like(adv_S), e.float(), torch.zeros_like(adv_S), torch.zeros_like(e), e)
+    return _seq_weights(torch.zeros_like(adv_S), e.float(), torch.zeros_like(adv_S), torch.zeros_like(e), e, e)
 
 
 def grpo_weights(batch: RLBatch, adv_S: torch.Tensor, params: WeightParams) -> SeqWeights:
@@ -234,38 +270,30 @@ def grpo_weights(batch: RLBatch, adv_S: torch.Tensor, params: WeightParams) -> S
 
 
 def luffy_weights(batch: RLBatch, adv_S: torch.Tensor, params: WeightParams) -> SeqWeights:
-    """LUFFY: clipped PG on on-policy sequences, shaped off-policy PG on expert ones."""
+    """LUFFY: PG on on-policy sequences, shaped off-policy PG on expert ones."""
     ones = torch.ones_like(adv_S)
     return _seq_weights(adv_S, torch.zeros_like(adv_S), ones, batch.is_expert_S.clone(),
                         torch.ones_like(batch.is_expert_S))
 
 
-def srft_weights(mean_entropy: float) -> tuple[float, float]:
-    """SRFT's stop-gradient weights (w1, w2) = (0.5 exp(-H), 0.1 exp(H)) for entropy H in nats."""
-    if not (math.isfinite(mean_entropy) and mean_entropy >= 0):
-        raise ValueError(f"mean_entropy must be a finite number >= 0, got {mean_entropy}")
-    return 0.5 * math.exp(-mean_entropy), 0.1 * math.exp(mean_entropy)
-
-
-def entropy_from_logprobs(logprobs_T: torch.Tensor, mask_T: torch.Tensor | None = None) -> float:
-    """-mean log pi(y_t) over sampled tokens: an unbiased estimate of the token-averaged entropy (one host sync)."""
-    lp = logprobs_T.float()
-    if mask_T is not None:
-        lp = lp[mask_T.bool()]
-    if lp.numel() == 0:
-        raise ValueError("entropy_from_logprobs needs at least one token")
-    return float(-lp.mean())
+def srft_sft_weights(rewards_S: torch.Tensor, is_expert_S: torch.Tensor, entropy_S: torch.Tensor) -> torch.Tensor:
+    """SRFT's stop-gradient per-sequence sft weights from each sequence's mean token entropy H_S (nats):
+    expert 0.5 exp(-H), on-policy with R == 1 0.1 exp(H), other on-policy -1 (UPT-repo mix_actor.py:350-353,
+    mix_core_alg.py:559-574 with srft_type="paper")."""
+    h_S = entropy_S.detach().float()
+    correct = rewards_S.to(h_S.device) == 1
+    return torch.where(is_expert_S.to(h_S.device), 0.5 * torch.exp(-h_S),
+                       torch.where(correct, 0.1 * torch.exp(h_S), torch.full_like(h_S, -1.0)))
 
 
 def srft_seq_weights(batch: RLBatch, adv_S: torch.Tensor, params: WeightParams) -> SeqWeights:
-    """SRFT: w1*SFT + off-policy PG on expert, w2*SFT on positive rollouts, -1*SFT (push down) on negative."""
-    if params.mean_entropy is None:
-        raise ValueError("SRFT needs WeightParams.mean_entropy (e.g. entropy_from_logprobs of the rollouts)")
-    w1, w2 = srft_weights(params.mean_entropy)
+    """SRFT: w1*SFT + off-policy PG on expert, w2*SFT on positive rollouts, -1*SFT (push down) on negative.
+
+    The entropy-dependent sft weights are NaN here; `engine.rl.update` fills them from the training forward.
+    """
     e = batch.is_expert_S
-    positive = batch.rewards_S > 0
-    sft_S = torch.where(e, w1, torch.where(positive, w2, -1.0)).to(adv_S.dtype)
-    return _seq_weights(adv_S, sft_S, e.to(adv_S.dtype), e.clone(), torch.ones_like(e))
+    sft_S = torch.full_like(adv_S, float("nan"))
+    return _seq_weights(adv_S, sft_S, e.to(adv_S.dtype), e.clone(), torch.ones_like(e), e.clone())
 
 
 def upt_sft_gate(batch: RLBatch, gamma: float = 0.0) -> torch.Tensor:
@@ -275,44 +303,58 @@ def upt_sft_gate(batch: RLBatch, gamma: float = 0.0) -> torch.Tensor:
 
 
 def upt_weights(batch: RLBatch, adv_S: torch.Tensor, params: WeightParams) -> SeqWeights:
-    """UPT: per prompt, SFT on the expert trajectory (gate) or GRPO on the on-policy samples."""
+    """UPT: per prompt, SFT on the expert trajectory (gate) or PG on the on-policy samples."""
     gate_S = upt_sft_gate(batch, params.upt_gamma)
     e = batch.is_expert_S
     trained_S = torch.where(gate_S, e, ~e)
-    return _seq_weights(adv_S, e.to(adv_S.dtype), (~e).to(adv_S.dtype), torch.zeros_like(e), trained_S)
+    return _seq_weights(adv_S, e.to(adv_S.dtype), (~e).to(adv_S.dtype), torch.zeros_like(e), trained_S, e.clone())
 
 
 # ----------------------------------------------------------------------------------------- registry
 
-AdvantageFn = Callable[[RLBatch, WeightParams], torch.Tensor]
+AdvantageFn = Callable[[RLBatch, WeightParams, bool], torch.Tensor]
 WeightFn = Callable[[RLBatch, torch.Tensor, WeightParams], SeqWeights]
 
 
 @dataclass(frozen=True)
 class AlgorithmSpec:
-    """One RL algorithm: its clip range, whether it uses DAPO dynamic sampling / expert data, and its maps."""
+    """One RL algorithm: its clip range and dual-clip bound, advantage, whether it uses DAPO dynamic sampling /
+    expert data / per-sequence entropy weights, its reward mode, and its maps. eps_low = 1, eps_high = inf is
+    "no clip"."""
 
     name: str
     advantage_fn: AdvantageFn
     weight_fn: WeightFn
     eps_low: float = 0.2
     eps_high: float = 0.2
+    clip_ratio_c: float | None = None
+    adv_std: bool = True
     dynamic_sampling: bool = False
     uses_expert: bool = False
+    entropy_weights: bool = False
+    reward_mode: str = "boxed"  # engine/reward.py; the reward of the code that ran it
 
     def __post_init__(self):
-        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
-            raise ValueError(f"{self.name}: need 0 <= eps_low < 1 and eps_high >= 0, got "
+        if not (0 <= self.eps_low <= 1 and self.eps_high >= 0):
+            raise ValueError(f"{self.name}: need 0 <= eps_low <= 1 and eps_high >= 0, got "
                              f"{self.eps_low}, {self.eps_high}")
+        if self.clip_ratio_c is not None and not self.clip_ratio_c > 1:
+            raise ValueError(f"{self.name}: the dual-clip bound clip_ratio_c must be > 1, got {self.clip_ratio_c}")
 
 
+NO_CLIP = {"eps_low": 1.0, "eps_high": math.inf}  # the UPT-repo's loss_remove_clip=True
 ALGORITHMS: dict[str, AlgorithmSpec] = {
     "grpo": AlgorithmSpec("grpo", _onpolicy_grpo, grpo_weights),
     "dapo_d": AlgorithmSpec("dapo_d", _onpolicy_grpo, grpo_weights, dynamic_sampling=True),
-    "dapo_dc": AlgorithmSpec("dapo_dc", _onpolicy_grpo, grpo_weights, eps_high=0.28, dynamic_sampling=True),
-    "luffy": AlgorithmSpec("luffy", _mixed_group_mean, luffy_weights, uses_expert=True),
-    "srft": AlgorithmSpec("srft", _mixed_group_mean, srft_seq_weights, uses_expert=True),
-    "upt": AlgorithmSpec("upt", _onpolicy_grpo, upt_weights, uses_expert=True),
+    # RETU gpu launcher :84-85,170-172: clip 0.2 / 0.28, dual clip c = 10.
+    # RETU's reward parses the whole response without a \boxed (no_format_custom_reward_fn.py:154-162); the
+    # UPT-repo's (reward_impl_version=6) needs one (mix_src/entropy_math/__init__.py:1007-1010).
+    "dapo_dc": AlgorithmSpec("dapo_dc", _onpolicy_grpo, grpo_weights, eps_high=0.28, clip_ratio_c=10.0,
+                             dynamic_sampling=True, reward_mode="boxed-or-whole"),
+    "luffy": AlgorithmSpec("luffy", _mixed_group, luffy_weights, adv_std=False, uses_expert=True, **NO_CLIP),
+    "srft": AlgorithmSpec("srft", _mixed_group, srft_seq_weights, adv_std=False, uses_expert=True,
+                          entropy_weights=True, **NO_CLIP),
+    "upt": AlgorithmSpec("upt", _onpolicy_grpo, upt_weights, adv_std=False, uses_expert=True, **NO_CLIP),
 }
 
 
@@ -328,7 +370,8 @@ def sequence_weights(algorithm: str | AlgorithmSpec, batch: RLBatch,
                      params: WeightParams | None = None) -> SeqWeights:
     """Advantages then per-sequence weights of `algorithm` (a key of ALGORITHMS or a spec)."""
     spec, params = _spec(algorithm), params or WeightParams()
-    return spec.weight_fn(batch, spec.advantage_fn(batch, params), params)
+    use_std = spec.adv_std if params.adv_std is None else params.adv_std
+    return spec.weight_fn(batch, spec.advantage_fn(batch, params, use_std), params)
 
 
 def to_tokens(seq: SeqWeights, cu_seqlens_S1: torch.Tensor, response_mask_T: torch.Tensor) -> TokenWeights:
@@ -362,12 +405,71 @@ def token_weights(algorithm: str | AlgorithmSpec, batch: RLBatch, cu_seqlens_S1:
     return to_tokens(sequence_weights(algorithm, batch, params), cu_seqlens_S1, response_mask_T)
 
 
-# ----------------------------------------------------------------------------------------- aggregation
+def per_sequence_mean(values_T: torch.Tensor, mask_T: torch.Tensor, cu_seqlens_S1: torch.Tensor) -> torch.Tensor:
+    """[S] masked mean of a per-token value over each packed sequence's masked tokens (0 where none)."""
+    n_S, idx_T = _seq_token_counts(mask_T, cu_seqlens_S1)
+    on = (mask_T != 0).float()
+    sum_S = torch.zeros_like(n_S).index_add(0, idx_T, values_T.float() * on)
+    return sum_S / n_S.clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------- normalisers
 
 
 def _check_mode(mode: str) -> None:
     if mode not in AGGREGATIONS:
         raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {AGGREGATIONS}")
+
+
+@dataclass(frozen=True)
+class LossNormalizers:
+    """Global normaliser of each loss term (see the module docstring): RL terms, expert SFT, entropy bonus."""
+
+    rl: float
+    sft: float | None  # None: the expert SFT term shares the RL normaliser and aggregation ("shared")
+    entropy: float
+
+
+def loss_normalizers(n_tokens_S: list[int], seq: SeqWeights, mode: str = "token-mean",
+                     sft_norm: str = "expert-token-mean", norm_tokens: float | None = None) -> LossNormalizers:
+    """Normalisers of one mini-batch from its sequences' response-token counts and weights (all sequences of
+    the mini-batch, every rank's). Zero counts become 1 (an empty term contributes 0)."""
+    _check_mode(mode)
+    if sft_norm not in SFT_NORMS:
+        raise ValueError(f"unknown sft normaliser {sft_norm!r}; choose one of {SFT_NORMS}")
+    trained = seq.trained_S.tolist()
+    expert = seq.expert_sft_S.tolist() if seq.expert_sft_S is not None else [False] * len(trained)
+    tokens = sum(n for n, t in zip(n_tokens_S, trained) if t)
+    if mode == "token-mean":
+        rl = tokens
+    elif mode == "token-sum-norm":
+        if norm_tokens is None or not norm_tokens > 0:
+            raise ValueError(f"token-sum-norm needs a constant norm_tokens > 0, got {norm_tokens}")
+        rl = norm_tokens
+    else:
+        rl = sum(1 for n, t in zip(n_tokens_S, trained) if t and n)
+    sft = None
+    if sft_norm == "expert-token-mean":
+        sft = float(max(sum(n for n, t, e in zip(n_tokens_S, trained, expert) if t and e), 1))
+    entropy = tokens if mode == "token-sum-norm" else rl
+    return LossNormalizers(float(max(rl, 1)), sft, float(max(entropy, 1)))
+
+
+def scale_expert_sft(sft_weight_S: torch.Tensor, seq: SeqWeights, n_tokens_S: torch.Tensor,
+                     norms: LossNormalizers, mode: str) -> torch.Tensor:
+    """sft weights with the expert SFT rows rescaled so their term is normalised by `norms.sft` after the
+    fused loss's per-token scale s_t and division by `norms.rl`: x N_rl / (N_sft s_t)."""
+    if seq.expert_sft_S is None or norms.sft is None:
+        return sft_weight_S
+    scale = norms.rl / norms.sft
+    if mode == "seq-mean-token-mean":  # undo s_t = 1 / |seq|
+        scale = scale * n_tokens_S.to(sft_weight_S).clamp(min=1)
+    return torch.where(seq.expert_sft_S.to(sft_weight_S.device), sft_weight_S * scale, sft_weight_S)
+
+
+def entropy_coef_scale(norms: LossNormalizers) -> float:
+    """Factor on entropy_coef that turns the fused loss's sum / N_rl into sum / N_entropy."""
+    return norms.rl / norms.entropy
 
 
 def _seq_token_counts(loss_mask_T: torch.Tensor, cu_seqlens_S1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,26 +479,33 @@ def _seq_token_counts(loss_mask_T: torch.Tensor, cu_seqlens_S1: torch.Tensor) ->
     return n_S, idx_T
 
 
-def normalizer_count(loss_mask_T: torch.Tensor, cu_seqlens_S1: torch.Tensor, mode: str = "token-mean"):
-    """This micro-batch's share of the normalizer (0-d fp32 tensor, no host sync): trained tokens for
-    token-mean, trained sequences otherwise. Sum it over micro-batches and ranks (all-reduce) for the global one."""
+def normalizer_count(loss_mask_T: torch.Tensor, cu_seqlens_S1: torch.Tensor, mode: str = "token-mean",
+                     norm_tokens: float | None = None):
+    """This micro-batch's share of the RL normaliser (0-d fp32 tensor, no host sync): trained tokens for
+    token-mean, trained sequences for the seq-mean modes, `norm_tokens` (a constant) for token-sum-norm. Sum it
+    over micro-batches and ranks (all-reduce) for the global one (token-sum-norm: do not)."""
     _check_mode(mode)
     if mode == "token-mean":
         return (loss_mask_T != 0).sum().float()
+    if mode == "token-sum-norm":
+        if norm_tokens is None:
+            raise ValueError("token-sum-norm needs norm_tokens")
+        return torch.tensor(float(norm_tokens))
     n_S, _ = _seq_token_counts(loss_mask_T, cu_seqlens_S1)
     return (n_S > 0).sum().float()
 
 
 def aggregate(weights: TokenWeights, cu_seqlens_S1: torch.Tensor, mode: str = "token-mean",
-              normalizer: float | torch.Tensor | None = None) -> tuple[TokenWeights, torch.Tensor | float]:
+              normalizer: float | torch.Tensor | None = None,
+              norm_tokens: float | None = None) -> tuple[TokenWeights, torch.Tensor | float]:
     """Apply a loss aggregation: returns (weights with the per-token scale folded into loss_mask, normalizer).
 
-    normalizer: the global value (sum of `normalizer_count` over the global batch); None uses this
-    micro-batch's own count, which is right only when it is the whole batch.
+    normalizer: the global value (`loss_normalizers(...).rl`); None uses this micro-batch's own count, which is
+    right only when it is the whole batch.
     """
     _check_mode(mode)
     if normalizer is None:
-        normalizer = normalizer_count(weights.loss_mask_T, cu_seqlens_S1, mode)
+        normalizer = normalizer_count(weights.loss_mask_T, cu_seqlens_S1, mode, norm_tokens)
     if mode != "seq-mean-token-mean":
         return weights, normalizer
     n_S, idx_T = _seq_token_counts(weights.loss_mask_T, cu_seqlens_S1)
@@ -442,7 +551,7 @@ def fold_kl(weights: TokenWeights, logp_T: torch.Tensor, ref_logp_T: torch.Tenso
 
 def policy_loss_reference(logp_T, old_logp_T, advantages_T, sft_weight_T, pg_weight_T, off_policy_T, loss_mask_T,
                           *, eps_low=0.2, eps_high=0.2, luffy_gamma=0.1, entropy_T=None, entropy_coef=0.0,
-                          normalizer=None) -> torch.Tensor:
+                          normalizer=None, clip_ratio_c=None) -> torch.Tensor:
     """Plain-torch per-token loss of the fused kernel (module docstring), differentiable in logp_T.
 
     old_logp_T None means one update per rollout batch: old = logp.detach() (r = 1).
@@ -453,6 +562,8 @@ def policy_loss_reference(logp_T, old_logp_T, advantages_T, sft_weight_T, pg_wei
     adv_T = advantages_T.float()
     ratio_T = torch.exp(logp_T - old_T)
     pg_on_T = -torch.minimum(ratio_T * adv_T, ratio_T.clamp(1 - eps_low, 1 + eps_high) * adv_T)
+    if clip_ratio_c is not None:
+        pg_on_T = torch.where(adv_T < 0, torch.minimum(pg_on_T, -clip_ratio_c * adv_T), pg_on_T)
     pi_T = torch.exp(logp_T)
     pg_off_T = -(pi_T / (pi_T + luffy_gamma)) * adv_T
     pg_T = torch.where(off_policy_T.bool(), pg_off_T, pg_on_T)

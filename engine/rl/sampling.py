@@ -10,9 +10,13 @@ noise in the normaliser; DAPO drops such groups and generates more:
     return kept[:train_batch], K = number of rounds run
 
 K enters the compute accounting (each round costs a generation pass over gen_batch x G samples). When
-`max_gen_rounds` is reached with fewer than `train_batch` kept groups, the result holds what was found and
-`filled` is False; the trainer decides whether to update on a short batch or skip the step.
+`max_gen_rounds` is reached with fewer than `train_batch` kept groups, `on_unfilled` decides:
+    "error"        raise `UnfilledBatchError` (RETU: `max_num_gen_batches=10`, then a ValueError stops training,
+                   `new_verl/recipe/dapo/dapo_ray_trainer.py:338-350`; map §3)
+    "train-short"  return what was found with `filled` False (the trainer warns and updates on the short batch)
 Without filtering (GRPO, LUFFY, SRFT, UPT) there is exactly one round and every group is kept.
+RETU keeps a group when its number of correct samples is in 1..G-1 (`win_num_range`); with 0/1 rewards that is
+"rewards not all equal", the test used here (it also covers non-binary rewards).
 
 `generate_round(round_index) -> list[Group]` does the rollout and scoring; this module only decides what to
 keep, so it is tested with plain Python fakes. `Group.rewards` are the rewards that decide informativeness
@@ -25,7 +29,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Group", "SamplingResult", "dynamic_sampling", "is_informative"]
+__all__ = ["ON_UNFILLED", "Group", "SamplingResult", "UnfilledBatchError", "dynamic_sampling", "is_informative"]
+
+ON_UNFILLED = ("error", "train-short")
+
+
+class UnfilledBatchError(ValueError):
+    """Dynamic sampling ran `max_gen_rounds` rounds without keeping `train_batch` informative groups."""
 
 
 def is_informative(rewards: Sequence[float]) -> bool:
@@ -81,11 +91,15 @@ class SamplingResult:
 
 
 def dynamic_sampling(generate_round: Callable[[int], list[Group]], train_batch: int, max_gen_rounds: int,
-                     *, filter_groups: bool = True) -> SamplingResult:
+                     *, filter_groups: bool = True, on_unfilled: str = "train-short") -> SamplingResult:
     """Run generation rounds and keep informative groups until `train_batch` are kept (see module docstring).
 
     filter_groups=False is plain GRPO sampling: one round, every group kept (the result is not truncated).
+    on_unfilled: "error" raises `UnfilledBatchError` when the rounds run out first; "train-short" returns the
+    short result (`filled` False).
     """
+    if on_unfilled not in ON_UNFILLED:
+        raise ValueError(f"on_unfilled must be one of {ON_UNFILLED}, got {on_unfilled!r}")
     if train_batch < 1:
         raise ValueError(f"train_batch must be >= 1, got {train_batch}")
     if max_gen_rounds < 1:
@@ -109,5 +123,10 @@ def dynamic_sampling(generate_round: Callable[[int], list[Group]], train_batch: 
             else:
                 n_wrong += 1
     n_inf = len(kept)
+    if n_inf < train_batch and on_unfilled == "error":
+        raise UnfilledBatchError(
+            f"dynamic sampling kept {n_inf} of {train_batch} groups after {len(sizes)} rounds of {sizes} prompts "
+            f"({n_correct} all correct, {n_wrong} all wrong); raise rl.max_gen_rounds or rl.gen_batch, or set "
+            f"rl.on_unfilled=train-short")
     return SamplingResult(kept[:train_batch], len(sizes), sum(sizes), n_inf, n_correct, n_wrong,
                           filled=n_inf >= train_batch, round_sizes=sizes)

@@ -10,9 +10,11 @@ One step = one rollout batch:
      math-verify scores the answers. DAPO's dynamic sampling drops groups whose rewards are all equal
      and runs rounds until `train_batch` groups are kept or `max_gen_rounds` is reached (K rounds).
   2. Sequences. Each kept group gives its G on-policy samples; LUFFY/SRFT/UPT add `n_expert` expert
-     trajectories of the same prompt (reward 1, off-policy).
-  3. Weights. engine/rl/algorithms.py turns rewards into advantages and per-token weights, so every
-     algorithm is one call of `engine.losses.linear_policy_loss` on packed micro-batches.
+     trajectories of the same prompt (off-policy, scored by the reward like any response).
+  3. Weights. engine/rl/algorithms.py turns rewards into advantages and per-sequence weights; sequences no
+     weight trains (UPT's gate) are dropped before packing. engine/rl/update.py makes each packed
+     micro-batch one call of `engine.losses.linear_policy_loss` at the sampling temperature (SRFT's entropy
+     weights and the KL gradient taken from that same forward).
   4. Update. `mini_batches` optimizer updates per rollout batch. With one (the paper's setting),
      old_logp = logp.detach() and no extra forward runs; otherwise old log-probs are recomputed once.
      After the update the full weights are copied into the rollout model (weight sync).
@@ -26,10 +28,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -43,7 +44,6 @@ from engine.checkpoint import (
     resume_latest,
     save_checkpoint,
 )
-from engine.config import DataConfig, ModelConfig, RunConfig
 from engine.data.packing import collate_packed, pack_for_ranks
 from engine.data.sft_dataset import encode_prompts, encode_texts, load_prompt_rows
 from engine.data.synthetic import write_task
@@ -59,109 +59,17 @@ from engine.rl.algorithms import (
     RLBatch,
     SeqWeights,
     WeightParams,
-    aggregate,
-    entropy_from_logprobs,
-    fold_kl,
-    kl_estimate,
+    loss_normalizers,
     sequence_weights,
-    to_tokens,
 )
+from engine.rl.config import RLJobConfig
 from engine.rl.sampling import Group, dynamic_sampling
-from engine.rollout import SamplingParams
-from engine.rollout.hf import HFRollout
+from engine.rl.update import LossSettings, MicroBatchLoss
+from engine.rollout import SamplingParams, build_rollout, check_weight_version
 from engine.training import DataOrder, build_optimizer, build_policy, guarded_step
 
 log = logging.getLogger("ceiling")
 FLOPS_FAMILY = {"grpo": "grpo", "dapo_d": "dapo", "dapo_dc": "dapo", "luffy": "luffy", "srft": "srft", "upt": "upt"}
-
-
-@dataclass
-class RLConfig:
-    """The RL algorithm, rollout, optimisation and evaluation (the paper's Section 3 / Appendix B)."""
-
-    algorithm: Literal["grpo", "dapo_d", "dapo_dc", "luffy", "srft", "upt"] = "dapo_dc"
-    init_checkpoint: str | None = None
-    """A checkpoint dir (e.g. an SFT run's checkpoints/step_N) whose model weights start RL."""
-    prompts_path: str | None = None
-    """RL prompts {prompt, answer, response?}; default: the synthetic task's rl split."""
-    eval_path: str | None = None
-    """Held-out prompts {prompt, answer}; default: the synthetic task's eval split."""
-    steps: int = 100
-    """Rollout batches (each gives `mini_batches` optimizer updates)."""
-    train_batch: int = 64
-    """Groups (prompts) per update batch."""
-    gen_batch: int = 64
-    """Prompts per generation round."""
-    n_samples: int = 8
-    """On-policy samples per prompt (G)."""
-    n_expert: int = 1
-    """Expert trajectories per prompt for LUFFY/SRFT/UPT (the paper: 7 + 1)."""
-    max_gen_rounds: int = 3
-    """DAPO dynamic sampling: most generation rounds per step."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_prompt_len: int = 1024
-    max_new_tokens: int = 8192
-    micro_batch_tokens: int = 16384
-    """Token budget of one packed micro-batch per rank."""
-    mini_batches: int = 1
-    """Optimizer updates per rollout batch; 1 skips the old-logprob forward."""
-    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
-    lr: float = 1e-6
-    min_lr_ratio: float = 1.0
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    eps_low: float | None = None
-    """Clip range override; default: the algorithm's (0.2, DAPO_dc 0.2/0.28)."""
-    eps_high: float | None = None
-    luffy_gamma: float = 0.1
-    upt_gamma: float = 0.0
-    """UPT: a prompt uses SFT on its expert trajectory when its mean reward <= upt_gamma."""
-    adv_eps: float = 1e-6
-    entropy_coef: float = 0.0
-    kl_coef: float = 0.0
-    """KL to the initial policy (0 in the paper)."""
-    kl_estimator: Literal["k1", "k3"] = "k3"
-    reward_workers: int = 0
-    """Processes scoring answers with math-verify (0: in-process)."""
-    reward_timeout_s: float = 5.0
-    rollout_batch_size: int = 64
-    """Sequences per `generate` call of the transformers backend."""
-    eval_every: int = 10
-    """pass@1 on the eval prompts every N steps (and before the first and after the last); 0 disables."""
-    eval_samples: int = 1
-    """Samples per eval prompt (avg@k)."""
-    eval_temperature: float = 0.7
-    eval_max_prompts: int | None = None
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-
-    def __post_init__(self):
-        for name in ("steps", "train_batch", "gen_batch", "n_samples", "max_gen_rounds", "max_prompt_len",
-                     "max_new_tokens", "micro_batch_tokens", "mini_batches", "rollout_batch_size", "eval_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_expert < 0 or self.reward_workers < 0 or self.eval_every < 0 or self.checkpoint_every < 0:
-            raise ValueError("rl.n_expert, reward_workers, eval_every and checkpoint_every must be >= 0")
-        if self.mini_batches > self.train_batch:
-            raise ValueError("rl.mini_batches cannot exceed rl.train_batch")
-        if self.micro_batch_tokens < self.max_prompt_len + self.max_new_tokens + 1:
-            raise ValueError(f"rl.micro_batch_tokens ({self.micro_batch_tokens}) must hold the longest sequence "
-                             f"(max_prompt_len + max_new_tokens + 1 = {self.max_prompt_len + self.max_new_tokens + 1})")
-        if self.algorithm in ("luffy", "srft", "upt") and self.n_expert < 1:
-            raise ValueError(f"rl.algorithm={self.algorithm} needs rl.n_expert >= 1")
-
-
-@dataclass
-class RLJobConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(config="configs/models/tiny-qwen2.json",
-                                                                   tokenizer="char"))
-    data: DataConfig = field(default_factory=DataConfig)
-    rl: RLConfig = field(default_factory=RLConfig)
 
 
 @dataclass
@@ -170,6 +78,7 @@ class Prompt:
     ids: list[int]
     answer: str
     expert_ids: list[int] | None  # expert trajectory + end-of-turn token
+    expert_reward: float | None = None  # the expert trajectory scored by the reward (on first use)
 
 
 @dataclass
@@ -194,27 +103,29 @@ class RLTrainer:
     def __init__(self, job: RLJobConfig):
         self.job, self.cfg = job, job.rl
         self.spec = ALGORITHMS[self.cfg.algorithm]
-        lo, hi = self.cfg.eps_low, self.cfg.eps_high  # clip range: the config's override, else the algorithm's
-        self._eps = (self.spec.eps_low if lo is None else lo, self.spec.eps_high if hi is None else hi)
+        self.loss_settings = LossSettings.for_run(self.cfg, self.spec)
+        self.reward_mode = self.cfg.reward_mode or self.spec.reward_mode
+        self._eps = (self.loss_settings.eps_low, self.loss_settings.eps_high)
         self.info = init_distributed(job.run.device)
         self.run_dir = make_run_dir(job.run.output_dir, job.run.name, job if self.info.is_main else None)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.tokenizer = load_tokenizer(job.model.tokenizer)
         self.prompts, self.eval_prompts = self._load_prompts()
+        # The rollout backend first: vLLM sizes its memory from what is free before FSDP allocates.
+        self.rollout = build_rollout(job.rollout, job.model, self.tokenizer, self.info, workdir=self.run_dir,
+                                     seed=job.run.seed, max_model_len=self.cfg.max_prompt_len + self.cfg.max_new_tokens,
+                                     hf_batch_size=self.cfg.rollout_batch_size)
+        self.weight_version = 0  # bumped by every sync; every rollout output must carry the current one
         self.model, self.model_config = build_policy(job.model, job.run.seed, self.info)
         if self.cfg.init_checkpoint:
             init = Path(self.cfg.init_checkpoint)
-            if (init / "latest").is_file():  # a checkpoints/ root: take its newest checkpoint
-                init = latest_checkpoint(init)
+            if (init / "latest").is_file():  # a checkpoints/ root: take its newest checkpoint (verified on load)
+                init = init / (init / "latest").read_text().strip()
             load_checkpoint(init, self.model)
             log.info("policy initialised from %s", init)
         total_updates = self.cfg.steps * self.cfg.mini_batches
         self.optimizer, self.scheduler = build_optimizer(self.model, self.cfg, total_updates)
-        # The rollout runs on its own copy of the weights, as a vLLM engine would; synced after each update.
         dtype = compute_dtype(self.info.device, job.model.dtype)
-        rollout_model = build_model(path=job.model.path, config=job.model.config, dtype=dtype, seed=job.run.seed)
-        self.rollout = HFRollout(rollout_model.to(self.info.device), self.tokenizer, self.info.device,
-                                 batch_size=self.cfg.rollout_batch_size)
         self.reference = None
         if self.cfg.kl_coef > 0:  # the frozen initial policy, for the KL term
             reference = build_model(path=job.model.path, config=job.model.config, dtype=dtype, seed=job.run.seed)
@@ -269,16 +180,18 @@ class RLTrainer:
 
     # ------------------------------------------------------------ rollout
     def _generate(self, prompts: list[Prompt], params: SamplingParams) -> tuple[list[list], list[list[float]], object]:
-        """Each rank samples its slice of `prompts`; returns (outputs, rewards) for all prompts, in order."""
-        rank, world = self.info.rank, self.info.world_size
+        """Each rollout group (a rank, or a tensor-parallel group of ranks) samples its slice of `prompts`;
+        returns (outputs, rewards) for all prompts, in order."""
+        rank, world = self.rollout.data_parallel
         mine = prompts[rank::world]
         t0 = time.perf_counter()
         outputs = self.rollout.generate([p.ids for p in mine], params) if mine else []
+        check_weight_version(outputs, self.weight_version)
         t1 = time.perf_counter()
         texts = [o.text for outs in outputs for o in outs]
         answers = [p.answer for p, outs in zip(mine, outputs) for _ in outs]
         scores, stats = score_responses(texts, answers, num_workers=self.cfg.reward_workers,
-                                        timeout_s=self.cfg.reward_timeout_s)
+                                        timeout_s=self.cfg.reward_timeout_s, mode=self.reward_mode)
         self._timing["rollout"] += t1 - t0
         self._timing["reward"] += time.perf_counter() - t1
         lite = [[(o.response_ids(), o.response_logprobs(), o.finish_reason) for o in outs] for outs in outputs]
@@ -289,8 +202,9 @@ class RLTrainer:
         local = (lite, rewards, stats)
         if world == 1:
             return lite, rewards, stats
-        gathered = [None] * world
+        gathered = [None] * self.info.world_size
         dist.all_gather_object(gathered, local)
+        gathered = gathered[::self.info.world_size // world]  # one answer per tensor-parallel group
         all_out, all_rew = [None] * len(prompts), [None] * len(prompts)
         total = None
         for r, (lo, rw, st) in enumerate(gathered):
@@ -303,7 +217,7 @@ class RLTrainer:
         idx = self.order.take(self.state["cursor"], self.cfg.gen_batch)
         self.state["cursor"] += self.cfg.gen_batch
         prompts = [self.prompts[i] for i in idx]
-        seed = self.job.run.seed * 1_000_003 + self.step * 1_009 + k * 10 + self.info.rank
+        seed = self.job.run.seed * 1_000_003 + self.step * 1_009 + k * 10 + self.rollout.data_parallel[0]
         params = SamplingParams(self.cfg.temperature, self.cfg.top_p, self.cfg.max_new_tokens, self.cfg.n_samples, seed)
         outputs, rewards, stats = self._generate(prompts, params)
         self._round_stats.append(stats)
@@ -311,6 +225,8 @@ class RLTrainer:
         return [Group(rw, payload=(p, outs)) for p, outs, rw in zip(prompts, outputs, rewards)]
 
     def _sequences(self, groups: list[Group]) -> list[Seq]:
+        if self.spec.uses_expert:
+            self._score_experts([g.payload[0] for g in groups])
         seqs = []
         for g, group in enumerate(groups):
             prompt, outs = group.payload
@@ -319,8 +235,25 @@ class RLTrainer:
             if self.spec.uses_expert:
                 for _ in range(self.cfg.n_expert):
                     e = prompt.expert_ids
-                    seqs.append(Seq(prompt.ids + e, [0] * len(prompt.ids) + [1] * len(e), 1.0, g, True))
+                    seqs.append(Seq(prompt.ids + e, [0] * len(prompt.ids) + [1] * len(e), prompt.expert_reward, g, True))
         return [s for s in seqs if s.n_response > 0 or s.is_expert]
+
+    def _score_experts(self, prompts: list[Prompt]) -> None:
+        """Score expert trajectories like any response (once per prompt); rank 0 scores, the others receive."""
+        todo = list({id(p): p for p in prompts if p.expert_reward is None}.values())
+        if not todo:
+            return
+        scores = None
+        if self.info.is_main:
+            texts = [self.tokenizer.decode(p.expert_ids, skip_special_tokens=True) for p in todo]
+            scores, _ = score_responses(texts, [p.answer for p in todo], num_workers=self.cfg.reward_workers,
+                                        timeout_s=self.cfg.reward_timeout_s, mode=self.reward_mode)
+        if self.info.world_size > 1:
+            box = [scores]
+            dist.broadcast_object_list(box, src=0)
+            scores = box[0]
+        for p, r in zip(todo, scores):
+            p.expert_reward = r
 
     # ------------------------------------------------------------ update
     def _micro_batches(self, seqs: list[Seq]):
@@ -338,22 +271,19 @@ class RLTrainer:
             batch = batch.to(self.info.device)
             mask = (batch.labels != -100).float()
             loss_fn = partial(linear_policy_loss, targets=batch.labels.clamp(min=0), advantages=torch.zeros_like(mask),
-                              loss_mask=mask)
+                              loss_mask=mask, temperature=self.cfg.temperature)
             out = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, loss_fn)
             bounds = batch.cu_seqlens.tolist()
             for j, i in enumerate(local):
                 setattr(seqs[i], attr, out.logp[bounds[j]:bounds[j + 1]].clone())
 
     def _update(self, seqs: list[Seq], seq_w: SeqWeights) -> dict[str, float]:
-        cfg, world = self.cfg, self.info.world_size
-        trained = seq_w.trained_S.tolist()
-        if cfg.aggregation == "token-mean":
-            normalizer = sum(s.n_response for s, t in zip(seqs, trained) if t)
-        else:
-            normalizer = sum(1 for s, t in zip(seqs, trained) if t and s.n_response)
-        dev = self.info.device
+        """One optimizer update on `seqs` (whole groups). seq_w.sft_weight_S is completed in place with the
+        weights the update used (SRFT's entropy weights, the SFT normaliser); engine/rl/update.py."""
+        cfg, world, dev = self.cfg, self.info.world_size, self.info.device
+        norms = loss_normalizers([s.n_response for s in seqs], seq_w, cfg.aggregation, cfg.sft_norm, cfg.norm_tokens)
         sums = {k: torch.zeros((), device=dev) for k in ("loss", "entropy", "tokens", "clip_low", "clip_high",
-                                                          "pg_tokens", "kl")}
+                                                          "pg_tokens", "kl", "stats_tokens")}
         micro_losses = []
         self.model.train()
         mbs = list(self._micro_batches(seqs))
@@ -361,34 +291,35 @@ class RLTrainer:
             self.model.set_requires_gradient_sync(n == len(mbs) - 1)
             batch = batch.to(dev)
             response_T = batch.labels != -100
-            sub = SeqWeights(*(t[local] if local else t[:0] for t in (
-                seq_w.advantages_S, seq_w.sft_weight_S, seq_w.pg_weight_S, seq_w.off_policy_S, seq_w.trained_S)))
-            if not local:
+            sub = seq_w.select(local)
+            facts = [(seqs[i].reward, seqs[i].is_expert) for i in local]
+            if not local:  # the dummy micro-batch of a rank without work: one untrained sequence
                 response_T = torch.zeros_like(response_T)
-                sub = SeqWeights(*(torch.zeros(1, dtype=t.dtype) for t in (
-                    seq_w.advantages_S, seq_w.sft_weight_S, seq_w.pg_weight_S, seq_w.off_policy_S, seq_w.trained_S)))
-            weights = to_tokens(sub, batch.cu_seqlens, response_T)
-            weights, norm = aggregate(weights, batch.cu_seqlens, cfg.aggregation, normalizer=max(normalizer, 1))
-            old = torch.cat([seqs[i].old_logp for i in local]).to(dev) if local and seqs[local[0]].old_logp is not None \
-                else None
-            if self.reference is not None and local:
-                ref = torch.cat([seqs[i].ref_logp for i in local]).to(dev)
-                weights = fold_kl(weights, old, ref, cfg.kl_coef, cfg.kl_estimator)
-                on = weights.loss_mask_T != 0
-                sums["kl"] += (kl_estimate(old, ref, cfg.kl_estimator) * on).sum()
-            loss_fn = partial(linear_policy_loss, targets=batch.labels.clamp(min=0), old_logp=old if cfg.mini_batches > 1
-                              else None, eps_low=self._eps[0], eps_high=self._eps[1], luffy_gamma=cfg.luffy_gamma,
-                              entropy_coef=cfg.entropy_coef, normalizer=norm, **weights.loss_kwargs())
+                sub, facts = SeqWeights(*(torch.zeros(1, dtype=t.dtype) for t in (
+                    seq_w.advantages_S, seq_w.sft_weight_S, seq_w.pg_weight_S, seq_w.off_policy_S,
+                    seq_w.trained_S))), [(0.0, False)]
+            old = torch.cat([seqs[i].old_logp for i in local]).to(dev) if cfg.mini_batches > 1 and local else None
+            ref = torch.cat([seqs[i].ref_logp for i in local]).to(dev) if self.reference is not None and local \
+                else (torch.zeros(response_T.numel(), device=dev) if self.reference is not None else None)
+            loss_fn = MicroBatchLoss(sub, torch.tensor([f[0] for f in facts]), torch.tensor([f[1] for f in facts]),
+                                     batch.cu_seqlens, response_T, batch.labels.clamp(min=0), norms,
+                                     self.loss_settings, old_logp_T=old, ref_logp_T=ref)
             out = self.model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, loss_fn)
             (out.loss * world).backward()
-            on_T = weights.loss_mask_T != 0
-            pg_T = on_T & (weights.pg_weight_T != 0) & ~weights.off_policy_T
+            if local:
+                seq_w.sft_weight_S[local] = loss_fn.sft_weight_S.to(seq_w.sft_weight_S)
+            idx_T = torch.repeat_interleave(torch.arange(len(sub.trained_S), device=dev),
+                                            (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long())
+            on_T = response_T & sub.trained_S.to(dev)[idx_T]
+            pg_T = on_T & (sub.pg_weight_S.to(dev) != 0)[idx_T] & ~sub.off_policy_S.to(dev)[idx_T]
             sums["loss"] += out.loss.detach()
             sums["entropy"] += (out.entropy * on_T).sum()
             sums["tokens"] += on_T.sum()
             sums["clip_low"] += out.clip_frac_low * pg_T.sum()
             sums["clip_high"] += out.clip_frac_high * pg_T.sum()
             sums["pg_tokens"] += pg_T.sum()
+            sums["kl"] += loss_fn.kl_sum.to(dev)
+            sums["stats_tokens"] += loss_fn.stats_tokens.to(dev)
             micro_losses.append(([int(i) for i in local], out.loss.detach()))
         loss = sums.pop("loss")
         grad_norm, lr = guarded_step(self.model, self.optimizer, self.scheduler, cfg.grad_clip, loss, micro_losses,
@@ -396,17 +327,20 @@ class RLTrainer:
         for v in sums.values():
             all_reduce_sum(v)
         tokens, pg = sums["tokens"].clamp(min=1), sums["pg_tokens"].clamp(min=1)
+        dims = flops_lib.model_dims(self.model_config)
         out = {"train/loss": loss / world, "train/grad_norm": grad_norm, "train/lr": lr,
                "train/entropy": sums["entropy"] / tokens, "train/clip_frac_low": sums["clip_low"] / pg,
-               "train/clip_frac_high": sums["clip_high"] / pg}
+               "train/clip_frac_high": sums["clip_high"] / pg,
+               # the no-grad LM-head pass of SRFT / KL (engine/rl/update.py): not in the paper's compute
+               "compute/stats_pass_flops": 2.0 * dims.vocab * dims.hidden * sums["stats_tokens"]}
         if self.reference is not None:
             out["train/kl"] = sums["kl"] / tokens
         return out
 
     def sync_rollout(self) -> None:
-        state = full_hf_state_dict(self.model)  # collective: every rank gathers the full weights
-        dtype = next(self.rollout.model.parameters()).dtype
-        self.rollout.sync_weights({k: v.to(dtype) for k, v in state.items()})
+        """Collective: stream the policy into the rollout backend bucket by bucket, verified, as a new version."""
+        self.weight_version += 1
+        self.rollout.sync_weights(self.model, self.weight_version)
 
     # ------------------------------------------------------------ one step
     def train_step(self) -> dict[str, object]:
@@ -414,42 +348,53 @@ class RLTrainer:
         self._timing, self._round_stats, self._gen_tokens = {"rollout": 0.0, "reward": 0.0}, [], 0
         t0 = time.perf_counter()
         result = dynamic_sampling(self._round, cfg.train_batch, cfg.max_gen_rounds,
-                                  filter_groups=self.spec.dynamic_sampling)
+                                  filter_groups=self.spec.dynamic_sampling, on_unfilled=cfg.on_unfilled)
+        if not result.filled and self.spec.dynamic_sampling:
+            log.warning("step %d: dynamic sampling kept %d of %d groups in %d rounds; training on the short batch",
+                        self.step + 1, len(result.groups), cfg.train_batch, result.num_rounds)
         t1 = time.perf_counter()
         seqs = self._sequences(result.groups)
-        if not seqs:  # every group had equal rewards in every round: nothing to learn from this batch
-            log.warning("step %d: no informative group in %d rounds; update skipped (raise rl.max_gen_rounds "
-                        "or rl.gen_batch if this persists)", self.step + 1, result.num_rounds)
-        on_policy = [s for s in seqs if not s.is_expert]
-        lps = [lp for s in on_policy if s.logprobs for lp in s.logprobs if lp == lp]  # drop NaN (no stop logprob)
-        mean_entropy = entropy_from_logprobs(torch.tensor(lps)) if lps else 0.0
         batch = RLBatch(torch.tensor([s.reward for s in seqs], dtype=torch.float32),
                         torch.tensor([s.group for s in seqs], dtype=torch.long),
                         torch.tensor([s.is_expert for s in seqs], dtype=torch.bool))
-        params = WeightParams(upt_gamma=cfg.upt_gamma, mean_entropy=mean_entropy, adv_eps=cfg.adv_eps)
-        if cfg.mini_batches > 1 or self.reference is not None:
+        seq_w = sequence_weights(self.spec, batch, WeightParams(upt_gamma=cfg.upt_gamma, adv_eps=cfg.adv_eps,
+                                                                 adv_std=cfg.adv_std))
+        n_gated = len({s.group for s, t in zip(seqs, seq_w.trained_S.tolist()) if t and s.is_expert})
+        keep = [i for i, t in enumerate(seq_w.trained_S.tolist()) if t]  # UPT's gate: only trained ones are packed
+        seqs, seq_w = [seqs[i] for i in keep], seq_w.select(keep)
+        if not seqs:  # every group had equal rewards in every round: nothing to learn from this batch
+            log.warning("step %d: no informative group in %d rounds; update skipped (raise rl.max_gen_rounds "
+                        "or rl.gen_batch if this persists)", self.step + 1, result.num_rounds)
+        else:  # rollout lifecycle: generate -> sleep -> update -> sync -> wake
+            self.rollout.sleep()
+        if cfg.mini_batches > 1:
             self._logprobs(seqs, self.model, "old_logp")
         if self.reference is not None:
             self._logprobs(seqs, self.reference, "ref_logp")
         metrics: dict[str, object] = {"rollout/skipped": int(not seqs)}
         groups = sorted({s.group for s in seqs})
+        stats_flops = 0.0
         for chunk in range(cfg.mini_batches if seqs else 0):  # whole groups per mini-batch: advantages are per group
-            keep = set(groups[chunk::cfg.mini_batches])
-            part = [s for s in seqs if s.group in keep]
-            idx = [i for i, s in enumerate(seqs) if s.group in keep]
-            sub = RLBatch(batch.rewards_S[idx], batch.group_ids_S[idx], batch.is_expert_S[idx])
-            metrics.update(self._update(part, sequence_weights(self.spec, sub, params)))
+            chosen = set(groups[chunk::cfg.mini_batches])
+            idx = [i for i, s in enumerate(seqs) if s.group in chosen]
+            metrics.update(self._update([seqs[i] for i in idx], seq_w.select(idx)))
+            stats_flops += metrics.pop("compute/stats_pass_flops")
+        metrics["compute/stats_pass_flops"] = stats_flops
         t2 = time.perf_counter()
         if seqs:
             self.sync_rollout()
+            self.rollout.wake()
         self.step += 1
-        # Compute by Appendix C from the real lengths: generation (all rounds), update, expert tokens.
+        # Compute by Appendix C (Eq. 26-27 for UPT) from the real lengths: generation (all rounds), and the
+        # sequences the update trains (the gate's N_on on-policy / N_off expert for UPT).
+        on_policy = [s for s in seqs if not s.is_expert]
         update_tokens = sum(len(s.ids) for s in on_policy)
         expert_tokens = sum(len(s.ids) for s in seqs if s.is_expert)
+        n_gen = result.num_generated * cfg.n_samples
+        mean_seq_len = (self._gen_tokens + update_tokens + expert_tokens) / max(n_gen + len(seqs), 1)
         step_flops = flops_lib.rl_step_flops(
-            FLOPS_FAMILY[cfg.algorithm], self.model_config, mean_seq_len=self._gen_tokens / max(result.num_generated
-                                                                                               * cfg.n_samples, 1),
-            gen_tokens=self._gen_tokens, update_tokens=update_tokens, offpolicy_tokens=expert_tokens)
+            FLOPS_FAMILY[cfg.algorithm], self.model_config, mean_seq_len=mean_seq_len, gen_tokens=self._gen_tokens,
+            update_tokens=update_tokens, offpolicy_tokens=expert_tokens)
         self.state["exaflops"] += step_flops / 1e18
         stats = self._round_stats[0]
         for s in self._round_stats[1:]:
@@ -463,10 +408,13 @@ class RLTrainer:
             "rollout/kept_group_frac": result.kept_fraction,
             "rollout/num_rounds": result.num_rounds,
             "rollout/groups": len(result.groups),
+            "rollout/filled": int(result.filled),
+            "compute/gen_tokens": self._gen_tokens, "compute/update_tokens": update_tokens,
+            "compute/expert_tokens": expert_tokens, "compute/gen_seqs": n_gen,
             "rollout/unparsed": stats.num_unparsed,
             "rollout/response_len_mean": sum(resp_lens) / max(len(resp_lens), 1),
             "rollout/response_len_max": max(resp_lens, default=0),
-            "rollout/entropy": mean_entropy,
+            "rollout/sft_prompts": n_gated if cfg.algorithm == "upt" else None,
             "time/rollout_s": self._timing["rollout"], "time/reward_s": self._timing["reward"],
             "time/update_s": t2 - t1, "time/step_s": time.perf_counter() - t0,
             "perf/tokens_per_s": (self._gen_tokens + update_tokens + expert_tokens) / (time.perf_counter() - t0),
@@ -499,7 +447,7 @@ class RLTrainer:
         return path
 
     def maybe_resume(self) -> None:
-        state = resume_latest(self.ckpt_root, self.model, self.optimizer, self.scheduler)
+        state = resume_latest(self.ckpt_root, self.model, self.optimizer, self.scheduler, self.job.run.on_bad_checkpoint)
         if state is not None:
             log.info("resumed RL from %s (step %d)", state.pop("path"), state["step"])
             self.step = state.pop("step")
@@ -554,35 +502,9 @@ class RLTrainer:
         return summary
 
 
-def ceiling_stop_rule(tol: float = 0.5, patience: int = 3, min_points: int = 6):
-    """A `stop_when` for RLTrainer.fit: refit the ceiling after each evaluation (engine/analysis/early_stop)
-    and stop once the predicted A_post has moved less than `tol` points over the last `patience` refits.
-
-    The gain is measured against the branch's first evaluation (its starting performance, P_sft); compute
-    is the branch's RL compute. Returns a reason string when the branch should stop, else None.
-    """
-    from engine.analysis.early_stop import EarlyStopConfig, OnlineCeilingMonitor
-
-    monitor: OnlineCeilingMonitor | None = None
-    seen = 0
-
-    def rule(history: list[dict]) -> str | None:
-        nonlocal monitor, seen
-        if monitor is None:
-            if not history:
-                return None
-            monitor = OnlineCeilingMonitor(100 * history[0]["pass@1"], EarlyStopConfig(tol, patience, min_points))
-            seen = 1
-        for h in history[seen:]:
-            monitor.update(h["rl_exaflops"], 100 * h["pass@1"] - monitor.p_sft)
-        seen = len(history)
-        if monitor.should_stop:
-            return (f"ceiling settled: predicted A_post {monitor.stop_prediction:.2f} moved less than {tol} points "
-                    f"over the last {patience} refits")
-        return None
-
-    return rule
-
-
 def run_rl(job: RLJobConfig, stop_after_step: int | None = None) -> dict[str, object]:
-    return RLTrainer(job).fit(stop_after_step)
+    trainer = RLTrainer(job)
+    try:
+        return trainer.fit(stop_after_step)
+    finally:
+        trainer.rollout.close()  # a vLLM engine is shut down here, not at interpreter exit

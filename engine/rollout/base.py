@@ -5,7 +5,16 @@ Two backends implement it: `HFRollout` (transformers `generate`; CPU, tests, mac
 
     outs = rollout.generate(prompt_ids, SamplingParams(temperature=1.0, n=8, max_new_tokens=1024, seed=0))
     outs[i][j]  -> RolloutOutput of sample j for prompt i
-    rollout.sleep(); ...update...; rollout.sync_weights(model); rollout.wake()
+    rollout.sleep(); ...update...; rollout.sync_weights(model, version); rollout.wake()
+
+The lifecycle of one RL step is generate -> sleep -> (training update) -> sync_weights -> wake -> generate.
+`sync_weights(model, version)` is collective (every training rank calls it: the sharded weights are gathered
+bucket by bucket, `engine.rollout.weight_sync`), verifies what the backend now holds, and stamps `version`
+on every later output (`RolloutOutput.weight_version`); `check_weight_version` turns an output sampled
+from other weights into a `WeightSyncError`.
+
+Seeds: with `params.seed` set, sample j of prompt i draws from its own stream, seeded by
+`sample_seed(seed, i, j)`, so samples are independent and a run is reproducible.
 
 `RolloutOutput.token_ids` are the generated tokens **without** the stop token, so `text` is the answer as
 the user sees it and an immediate stop gives `token_ids == []`, `text == ""`. When
@@ -22,11 +31,16 @@ log-probability of the truncated, renormalised distribution actually sampled fro
 from __future__ import annotations
 
 import abc
+import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-__all__ = ["FINISH_REASONS", "Rollout", "RolloutOutput", "SamplingParams"]
+import torch
+
+from engine.rollout.weight_sync import WeightSyncError
+
+__all__ = ["FINISH_REASONS", "Rollout", "RolloutOutput", "SamplingParams", "check_weight_version", "sample_seed"]
 
 FINISH_REASONS = ("stop", "length")
 
@@ -69,6 +83,7 @@ class RolloutOutput:
     logprobs: list[float] | None = None  # one per token_ids entry
     stop_token_id: int | None = None  # set iff finish_reason == "stop"
     stop_logprob: float | None = None
+    weight_version: int | None = None  # the `sync_weights` version of the weights that sampled it
 
     def __post_init__(self):
         if self.finish_reason not in FINISH_REASONS:
@@ -91,16 +106,53 @@ class RolloutOutput:
         return self.logprobs + [self.stop_logprob if self.stop_logprob is not None else math.nan]
 
 
+def sample_seed(seed: int, prompt: int, sample: int) -> int:
+    """A 63-bit seed for sample `sample` of prompt `prompt` of a call seeded with `seed` (distinct streams)."""
+    digest = hashlib.blake2b(f"{seed}:{prompt}:{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def check_weight_version(outputs: list[list[RolloutOutput]], expected: int) -> None:
+    """Raise `WeightSyncError` if any output was sampled by weights other than version `expected`."""
+    stale = sorted({o.weight_version for outs in outputs for o in outs if o.weight_version != expected},
+                   key=str)
+    if stale:
+        raise WeightSyncError(f"rollout outputs carry weight version(s) {stale}, but the policy is at version "
+                              f"{expected}: the rollout engine was not synced after the last update")
+
+
 class Rollout(abc.ABC):
-    """A generation backend. sync_weights / sleep / wake are no-ops for backends that share the trainer's model."""
+    """A generation backend, driven by the trainer through this interface only (see the module docstring)."""
+
+    weight_version: int = 0
+    """Version of the weights the backend samples from (set by `sync_weights`)."""
+
+    @property
+    def data_parallel(self) -> tuple[int, int]:
+        """(index, count) of the data-parallel rollout groups: ranks of one tensor-parallel group generate
+        the same prompts with the same seeds. (rank, world size) when every rank generates alone."""
+        if torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
 
     @abc.abstractmethod
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[RolloutOutput]]:
         """n samples for each prompt, in prompt order: result[i] has params.n outputs for prompt_ids[i]."""
 
     @abc.abstractmethod
-    def sync_weights(self, state_dict_or_model: Any) -> None:
-        """Make the backend sample from the current policy weights."""
+    def sync_weights(self, model: torch.nn.Module, version: int) -> None:
+        """Collective: load the policy's current weights, verify them, and label later outputs `version`.
+
+        `version` must be newer than `weight_version`; an older or equal one raises `WeightSyncError`."""
+
+    def _check_newer(self, version: int) -> None:
+        if version <= self.weight_version:
+            raise WeightSyncError(f"refusing weight version {version}: the rollout already holds version "
+                                  f"{self.weight_version} (versions must increase with every update)")
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the backend for good (end of run): an engine it owns is shut down."""
 
     @abc.abstractmethod
     def sleep(self) -> None:

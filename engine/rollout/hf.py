@@ -12,6 +12,11 @@ logits of each step): log_softmax(logits / T)[token], see `engine.rollout.base` 
 Seeding: `params.seed` seeds a forked RNG for the call (the global RNG is left untouched), so the same
 prompts, params and batch_size give the same samples. Without a seed the global RNG is used.
 
+Weights: the rollout model is a separate copy (as a vLLM engine's would be); `sync_weights(policy, version)`
+streams the policy's full weights into it through the same bucket iterator the vLLM backend uses
+(`engine.rollout.weight_sync.iter_weight_buckets`), checks that every parameter arrived and that the loaded
+values match the sent ones (fingerprints), and stamps `version` on later outputs.
+
 Attention: the training model may use a packed-sequence attention ("ceiling_packed", which needs
 cu_seqlens that `generate` does not pass); `generation_mode(model)` switches the config to "sdpa", eval mode
 `use_cache=True` and a blank generation_config for the call and restores them afterwards. The model may be an HF
@@ -28,6 +33,13 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from engine.data.tokenizer import end_of_turn_id
 from engine.rollout.base import Rollout, RolloutOutput, SamplingParams
+from engine.rollout.weight_sync import (
+    Fingerprint,
+    WeightSyncError,
+    compare_fingerprints,
+    fingerprint_bucket,
+    iter_weight_buckets,
+)
 
 __all__ = ["HFRollout", "generation_mode"]
 
@@ -57,9 +69,10 @@ class HFRollout(Rollout):
     """`Rollout` over an in-memory transformers model (it shares the trainer's weights: nothing to sync)."""
 
     def __init__(self, model, tokenizer: PreTrainedTokenizerBase, device: torch.device | str | None = None,
-                 batch_size: int = 16):
+                 batch_size: int = 16, bucket_bytes: int = 512 << 20, checksum: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.bucket_bytes, self.checksum = bucket_bytes, checksum
         self.model: PreTrainedModel = getattr(model, "hf", model)
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(self.model.parameters()).device
@@ -71,11 +84,37 @@ class HFRollout(Rollout):
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else stops[0]
 
-    def sync_weights(self, state_dict_or_model=None) -> None:
-        """Load new weights when generation runs on a separate copy (a state dict under HF names);
-        a no-op when the rollout shares the training model (None)."""
-        if isinstance(state_dict_or_model, dict):
-            self.model.load_state_dict(state_dict_or_model, strict=True)
+    def sync_weights(self, model: torch.nn.Module, version: int) -> None:
+        """Collective: copy `model`'s weights (FSDP2-sharded or not) into the rollout model, bucket by bucket.
+
+        A no-op apart from the version when the rollout generates with `model` itself."""
+        self._check_newer(version)
+        if getattr(model, "hf", model) is not self.model:
+            self._load(model)
+        self.weight_version = version
+
+    @torch.no_grad()
+    def _load(self, model: torch.nn.Module) -> None:
+        params = dict(self.model.named_parameters())
+        dtype = next(iter(params.values())).dtype
+        sent: dict[str, dict[str, Fingerprint]] = {}
+        for bucket in iter_weight_buckets(model, self.bucket_bytes, dtype):
+            for name, t in bucket:
+                if name not in params:
+                    raise WeightSyncError(f"weight sync: the policy's {name} has no counterpart in the rollout model")
+                params[name].copy_(t)
+            if self.checksum:
+                fingerprint_bucket(bucket, {}, sent)
+        if self.checksum:
+            held = {n: ("value", fp.total, fp.squares)
+                    for n, fp in ((n, Fingerprint.of_values(p)) for n, p in params.items())}
+            problems = compare_fingerprints(sent, held, rtol_value=1e-9, rtol_action=0.0)
+            if problems:
+                raise WeightSyncError("weight sync: the rollout model does not hold the policy's weights:\n  "
+                                      + "\n  ".join(problems[:20]))
+
+    def close(self) -> None:
+        """No-op: the rollout model is an ordinary module, freed with the rollout."""
 
     def sleep(self) -> None:
         """No-op: nothing is held beyond the training model (the KV cache lives only inside a call)."""
@@ -106,7 +145,7 @@ class HFRollout(Rollout):
             do_sample=sample,
             temperature=params.temperature if sample else None,
             top_p=params.top_p if sample and params.top_p < 1 else None,
-            top_k=None,
+            top_k=0,  # 0 disables top-k; None would fall back to GenerationConfig's default of 50
             max_new_tokens=params.max_new_tokens,
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
@@ -145,4 +184,5 @@ class HFRollout(Rollout):
         token_ids = toks.tolist()
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True) if token_ids else ""
         return RolloutOutput(prompt_ids=list(prompt), token_ids=token_ids, text=text, finish_reason=reason,
-                             logprobs=lps.tolist(), stop_token_id=stop_id, stop_logprob=stop_lp)
+                             logprobs=lps.tolist(), stop_token_id=stop_id, stop_logprob=stop_lp,
+                             weight_version=self.weight_version)

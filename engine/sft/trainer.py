@@ -12,8 +12,9 @@ communication is needed for it, and the result does not depend on how the batch 
 
 Every `val_every` steps the validation loss (same token-mean) is computed and the SFT sub-phase
 (Adaptive / Stable / Mild / Severe, engine/analysis/phases.py) is logged; the minimum-validation-loss
-checkpoint is kept. Checkpoints hold model, optimizer, scheduler and RNG; the data position follows
-from the step, so a resumed run replays exactly the losses of an uninterrupted one.
+checkpoint is kept. Checkpoints hold model, optimizer, scheduler, RNG and the data position (samples
+consumed), so a resumed run replays exactly the losses of an uninterrupted one; resumed with another
+`global_batch_size`, the data goes on from the saved position (logged).
 A non-finite loss or gradient norm stops the run before the update, names the step and the
 micro-batch's sample ids, and leaves the last good checkpoint as it was.
 """
@@ -32,7 +33,6 @@ import torch
 from engine import flops as flops_lib
 from engine.analysis.phases import current_subphase
 from engine.checkpoint import (
-    export_hf,
     latest_checkpoint,
     prune_checkpoints,
     resume_latest,
@@ -40,13 +40,15 @@ from engine.checkpoint import (
 )
 from engine.config import DataConfig, ModelConfig, RunConfig
 from engine.data.packing import IGNORE_INDEX, PackedBatch, collate_packed, pack_for_ranks
-from engine.data.sft_dataset import SFTSample, load_sft_file
 from engine.data.synthetic import write_task
+from engine.data.token_store import TokenStore, open_token_store
 from engine.data.tokenizer import load_tokenizer
-from engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from engine.distributed import DistInfo, FSDPConfig, all_reduce_sum, barrier, init_distributed
 from engine.errors import CeilingError
 from engine.losses import linear_cross_entropy
 from engine.metrics import MetricsLogger, make_run_dir, progress
+from engine.models.hf_checkpoint import save_hf_sharded
+from engine.models.patches import KernelConfig
 from engine.training import DataOrder, build_optimizer, build_policy, guarded_step
 
 log = logging.getLogger("ceiling")
@@ -87,6 +89,9 @@ class SFTConfig:
     """Severe sub-phase: L >= (1 + d2) L_min."""
     export_hf: bool = True
     """Write the final model as an HF directory `<run>/hf/`."""
+    token_store_dir: str | None = None
+    """Where tokenized data is stored once and reused by every rank and run (engine/data/token_store.py);
+    default `<run.output_dir>/token_store`."""
 
     def __post_init__(self):
         for name in ("steps", "global_batch_size", "micro_batch_tokens"):
@@ -110,10 +115,14 @@ class SFTJobConfig:
                                                                    tokenizer="char"))
     data: DataConfig = field(default_factory=lambda: DataConfig(synthetic=None, train_path="train.jsonl"))
     sft: SFTConfig = field(default_factory=SFTConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
 
 
-def load_data(job: SFTJobConfig, tokenizer, run_dir: Path, info: DistInfo):
-    """Tokenized train and validation samples (the synthetic task is first written to `<run>/data/`)."""
+def load_data(job: SFTJobConfig, tokenizer, run_dir: Path, info: DistInfo
+              ) -> tuple[TokenStore, TokenStore | None, object]:
+    """Train and validation token stores (built by rank 0 on first use; the synthetic task is first written
+    to `<run>/data/`)."""
     data = job.data
     if data.synthetic is None and data.train_path is None:
         raise CeilingError("data: SFT needs `synthetic` or `train_path`")
@@ -124,11 +133,11 @@ def load_data(job: SFTJobConfig, tokenizer, run_dir: Path, info: DistInfo):
             write_task(data.synthetic, out)
         barrier()
         train_path, val_path = str(out / "train.jsonl"), str(out / "val.jsonl")
-    train, train_stats = load_sft_file(train_path, tokenizer, data.max_seq_len, data.overlong)
-    val = []
-    if val_path:
-        val, _ = load_sft_file(val_path, tokenizer, data.max_seq_len, data.overlong)
-    return train, val, train_stats
+    root = Path(job.sft.token_store_dir or Path(job.run.output_dir) / "token_store")
+    progress = info.is_main and job.run.progress
+    train = open_token_store([train_path], tokenizer, data.max_seq_len, data.overlong, root, progress)
+    val = open_token_store([val_path], tokenizer, data.max_seq_len, data.overlong, root, progress) if val_path else None
+    return train, val, train.stats
 
 
 def _dummy_batch() -> PackedBatch:
@@ -137,32 +146,34 @@ def _dummy_batch() -> PackedBatch:
 
 
 class SFTTrainer:
-    def __init__(self, job: SFTJobConfig):
+    def __init__(self, job: SFTJobConfig, stores: tuple[TokenStore, TokenStore | None] | None = None):
+        """`stores`: ready (train, val) token stores, e.g. a benchmark's; default: built from `job.data`."""
         self.job, self.cfg = job, job.sft
         self.info = init_distributed(job.run.device)
         self.run_dir = make_run_dir(job.run.output_dir, job.run.name, job if self.info.is_main else None)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.tokenizer = load_tokenizer(job.model.tokenizer)
-        self.train, self.val, self.train_stats = load_data(job, self.tokenizer, self.run_dir, self.info)
+        if stores is None:
+            self.train, self.val, self.train_stats = load_data(job, self.tokenizer, self.run_dir, self.info)
+        else:
+            (self.train, self.val), self.train_stats = stores, stores[0].stats
         if self.train_stats.num_truncated or self.train_stats.num_dropped:
             log.info("train data: %d truncated, %d dropped of %d rows", self.train_stats.num_truncated,
                      self.train_stats.num_dropped, self.train_stats.num_rows)
-        too_long = max(len(s) for s in self.train + self.val)
+        too_long = max(int(s.lengths_N.max()) for s in (self.train, self.val) if s is not None)
         if too_long > self.cfg.micro_batch_tokens:
             raise CeilingError(f"sft.micro_batch_tokens={self.cfg.micro_batch_tokens} is below the longest "
                                f"sample ({too_long} tokens); raise it or lower data.max_seq_len")
-        self.model, self.model_config = build_policy(job.model, job.run.seed, self.info)
+        self.model, self.model_config = build_policy(job.model, job.run.seed, self.info, job.fsdp, job.kernels)
         self.optimizer, self.scheduler = build_optimizer(self.model, self.cfg, self.cfg.steps)
         self.order = DataOrder(len(self.train), job.run.seed)
         self.step = 0
-        self.state = {"val_history": [], "best": None, "exaflops": 0.0, "tokens": 0}
+        self.state = {"val_history": [], "best": None, "exaflops": 0.0, "tokens": 0, "data_position": 0}
         self.peak = flops_lib.peak_flops(self.info.device, job.run.peak_tflops)
 
     # ------------------------------------------------------------ one micro-batch
-    def _micro_batch(self, samples: list[SFTSample], ids: list[int]) -> PackedBatch:
-        if not ids:
-            return _dummy_batch()
-        return collate_packed([samples[i].input_ids for i in ids], [samples[i].loss_mask for i in ids], ids)
+    def _micro_batch(self, store: TokenStore, ids: list[int]) -> PackedBatch:
+        return store.collate(ids) if ids else _dummy_batch()
 
     def _loss_sum(self, batch: PackedBatch) -> torch.Tensor:
         batch = batch.to(self.info.device)
@@ -171,17 +182,18 @@ class SFTTrainer:
 
     # ------------------------------------------------------------ one optimizer step
     def train_step(self) -> dict[str, float]:
-        ids = self.order.batch(self.step, self.cfg.global_batch_size)
-        lengths = [len(self.train[i]) for i in ids]
+        ids = self.order.take(self.state["data_position"], self.cfg.global_batch_size)
+        self.state["data_position"] += self.cfg.global_batch_size
+        lengths = self.train.lengths_N[ids].tolist()
         plan = pack_for_ranks(lengths, self.cfg.micro_batch_tokens, self.info.world_size)
-        n_loss = sum(sum(self.train[i].loss_mask[1:]) for i in ids)  # loss tokens of the global batch
+        n_loss = int(self.train.loss_tokens_N[ids].sum())  # loss tokens of the global batch
         scale = self.info.world_size / max(n_loss, 1)  # FSDP averages grads over ranks; undo, then token-mean
         mine = plan[self.info.rank]
         loss_sum = torch.zeros((), device=self.info.device)
         mb_losses = []
         self.model.train()
         for k, local in enumerate(mine):
-            self.model.set_requires_gradient_sync(k == len(mine) - 1)
+            self.model.set_requires_gradient_sync(self.job.fsdp.reduce_scatter_every_micro_batch or k == len(mine) - 1)
             mb_ids = [ids[j] for j in local]
             loss = self._loss_sum(self._micro_batch(self.train, mb_ids))
             (loss * scale).backward()
@@ -191,24 +203,24 @@ class SFTTrainer:
                                      mb_losses, self.step + 1, self.ckpt_root, self.info.rank)
         self.step += 1
         tokens = sum(lengths)
-        step_flops = flops_lib.sft_step_flops(self.model_config, tokens, tokens / len(ids))
+        step_flops = flops_lib.sft_step_flops(self.model_config, tokens, tokens / len(ids))  # the paper's ledger
         self.state["exaflops"] += step_flops / 1e18
         self.state["tokens"] += tokens
         return {"train/loss": loss_sum / max(n_loss, 1), "train/grad_norm": grad_norm, "train/lr": lr,
                 "train/loss_tokens": n_loss, "train/tokens": tokens, "train/micro_batches": len(mine),
-                "compute/step_flops": step_flops}
+                "compute/step_flops": step_flops, "compute/mfu_flops": flops_lib.mfu_step_flops(self.model_config, lengths)}
 
     # ------------------------------------------------------------ validation
     @torch.no_grad()
     def validate(self) -> float:
         self.model.eval()
-        lengths = [len(s) for s in self.val]
+        lengths = self.val.lengths_N.tolist()
         plan = pack_for_ranks(lengths, self.cfg.micro_batch_tokens, self.info.world_size)
         total = torch.zeros((), device=self.info.device)
         for local in plan[self.info.rank]:
             total += self._loss_sum(self._micro_batch(self.val, local))
         all_reduce_sum(total)
-        n_loss = sum(sum(s.loss_mask[1:]) for s in self.val)
+        n_loss = int(self.val.loss_tokens_N.sum())
         return (total / max(n_loss, 1)).item()
 
     def _record_validation(self) -> dict[str, object]:
@@ -226,18 +238,22 @@ class SFTTrainer:
     # ------------------------------------------------------------ checkpoints
     def save(self) -> Path:
         path = save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, self.scheduler,
-                               {**self.state, "data_position": self.step * self.cfg.global_batch_size})
+                               {**self.state, "global_batch_size": self.cfg.global_batch_size})
         best = self.state["best"]
         protect = {f"step_{best['step']:08d}"} if best else set()
         prune_checkpoints(self.ckpt_root, self.cfg.keep_checkpoints, protect)
         return path
 
     def maybe_resume(self) -> None:
-        state = resume_latest(self.ckpt_root, self.model, self.optimizer, self.scheduler)
+        state = resume_latest(self.ckpt_root, self.model, self.optimizer, self.scheduler, self.job.run.on_bad_checkpoint)
         if state is not None:
             log.info("resumed from %s (step %d, %.4g EFLOPs)", state.pop("path"), state["step"], state["exaflops"])
             self.step = state.pop("step")
-            state.pop("data_position", None)  # follows from the step
+            saved_batch = state.pop("global_batch_size", self.cfg.global_batch_size)
+            if saved_batch != self.cfg.global_batch_size:  # the data goes on from the saved position either way
+                log.warning("resuming with sft.global_batch_size=%d where the checkpoint used %d: the data continues "
+                            "at sample %d of the seeded order", self.cfg.global_batch_size, saved_batch,
+                            state["data_position"])
             self.state.update(state)
 
     # ------------------------------------------------------------ the loop
@@ -263,15 +279,15 @@ class SFTTrainer:
                 if self.step % self.job.run.log_every == 0 or last:
                     dt = time.perf_counter() - window_t
                     tokens_per_s = window_tokens / dt
-                    flops_per_s = out["compute/step_flops"] * tokens_per_s / out["train/tokens"]
+                    flops_per_s = out["compute/mfu_flops"] * tokens_per_s / out["train/tokens"]
                     record.update(out)
                     record.update({
                         "perf/tokens_per_s": tokens_per_s,
                         "perf/mfu": flops_lib.mfu(flops_per_s, self.peak * info.world_size) if self.peak else None,
                         "compute/exaflops": self.state["exaflops"],
-                        "data/epoch": self.step * cfg.global_batch_size / len(self.train)})
+                        "data/epoch": self.state["data_position"] / len(self.train)})
                     window_t, window_tokens = time.perf_counter(), 0
-                if self.val and cfg.val_every and (self.step % cfg.val_every == 0 or last):
+                if self.val is not None and cfg.val_every and (self.step % cfg.val_every == 0 or last):
                     record.update(self._record_validation())
                     record.setdefault("compute/exaflops", self.state["exaflops"])
                 if record:
@@ -302,7 +318,7 @@ class SFTTrainer:
                    "best": self.state["best"], "val_history": self.state["val_history"],
                    "checkpoint": str(latest_checkpoint(self.ckpt_root))}
         if self.cfg.export_hf:
-            export_hf(self.model, self.tokenizer, self.run_dir / "hf")
+            save_hf_sharded(self.model, self.run_dir / "hf", self.tokenizer)
             summary["hf_dir"] = str(self.run_dir / "hf")
         if self.info.is_main:
             (self.run_dir / "sft_summary.json").write_text(json.dumps(summary, indent=1))

@@ -1,0 +1,136 @@
+"""The RL job's configuration: the algorithm, rollout, optimisation and evaluation settings (`rl:`), and the
+whole job (`run:`, `model:`, `data:`, `rl:`, `rollout:`), as `ceiling rl CONFIG` reads it from YAML.
+
+Every field's docstring is its documentation; `__post_init__` rejects bad values with the field's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from engine.config import DataConfig, ModelConfig, RunConfig
+from engine.rollout import RolloutConfig
+
+
+@dataclass
+class RLConfig:
+    """The RL algorithm, rollout, optimisation and evaluation (the paper's Section 3 / Appendix B)."""
+
+    algorithm: Literal["grpo", "dapo_d", "dapo_dc", "luffy", "srft", "upt"] = "dapo_dc"
+    init_checkpoint: str | None = None
+    """A checkpoint dir (e.g. an SFT run's checkpoints/step_N) whose model weights start RL."""
+    prompts_path: str | None = None
+    """RL prompts {prompt, answer, response?}; default: the synthetic task's rl split."""
+    eval_path: str | None = None
+    """Held-out prompts {prompt, answer}; default: the synthetic task's eval split."""
+    steps: int = 100
+    """Rollout batches (each gives `mini_batches` optimizer updates)."""
+    train_batch: int = 64
+    """Groups (prompts) per update batch."""
+    gen_batch: int = 64
+    """Prompts per generation round."""
+    n_samples: int = 8
+    """On-policy samples per prompt (G)."""
+    n_expert: int = 1
+    """Expert trajectories per prompt for LUFFY/SRFT/UPT (LUFFY/SRFT: 7 + 1; UPT: 8 on-policy, and 1 expert only
+    for prompts its gate sends to SFT)."""
+    max_gen_rounds: int = 10
+    """DAPO dynamic sampling: most generation rounds per step (RETU: max_num_gen_batches=10)."""
+    on_unfilled: Literal["error", "train-short"] = "train-short"
+    """DAPO: when `max_gen_rounds` rounds keep fewer than `train_batch` groups: "error" stops (RETU's choice,
+    set in the 7B presets), "train-short" warns and updates on the short batch (the default, so that small and
+    CPU runs do not stop)."""
+    temperature: float = 1.0
+    """Sampling temperature of the training rollouts; the loss divides the logits by it too (RETU, map §8)."""
+    top_p: float = 1.0
+    max_prompt_len: int = 1024
+    max_new_tokens: int = 8192
+    micro_batch_tokens: int = 16384
+    """Token budget of one packed micro-batch per rank."""
+    mini_batches: int = 1
+    """Optimizer updates per rollout batch; 1 skips the old-logprob forward."""
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum-norm"] = "token-mean"
+    """How the RL loss terms are normalised (engine/rl/algorithms.py): the paper's text says token-mean; RETU's
+    DAPO launcher is in effect seq-mean-token-mean (one sequence per micro-batch); the UPT-repo's LUFFY/SRFT/UPT
+    runs are token-sum-norm (sum / 8192 per GPU, averaged over 8 GPUs: norm_tokens 65536). Map §2."""
+    norm_tokens: float | None = None
+    """token-sum-norm: the constant divisor of the summed RL loss of a mini-batch (over all ranks)."""
+    sft_norm: Literal["expert-token-mean", "shared"] = "expert-token-mean"
+    """SFT terms on expert trajectories (SRFT's w1, UPT's gate): a token mean over the expert tokens of the
+    mini-batch (the UPT-repo's compute_sft_pure_loss), or "shared": under the RL normaliser."""
+    lr: float = 1e-6
+    min_lr_ratio: float = 1.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    eps_low: float | None = None
+    """Clip range override; default: the algorithm's (0.2; DAPO_dc 0.2/0.28; LUFFY/SRFT/UPT no clip: 1 / .inf,
+    the UPT-repo's loss_remove_clip)."""
+    eps_high: float | None = None
+    clip_ratio_c: float | None = None
+    """Dual-clip bound for negative advantages (verl); default: the algorithm's (DAPO_dc 10, RETU's launcher;
+    others none). .inf disables it."""
+    adv_std: bool | None = None
+    """Divide group-centred rewards by the group std; default: the algorithm's (GRPO/DAPO yes; LUFFY/SRFT/UPT
+    no, the UPT-repo's grpo_use_std=False)."""
+    luffy_gamma: float = 0.1
+    upt_gamma: float = 0.0
+    """UPT: a prompt uses SFT on its expert trajectory when its mean reward <= upt_gamma."""
+    adv_eps: float = 1e-6
+    entropy_coef: float = 0.0
+    """Entropy bonus (0.001 in the UPT-repo's LUFFY/SRFT/UPT scripts, 0 in RETU's DAPO)."""
+    kl_coef: float = 0.0
+    """KL to the initial policy (0 in the paper)."""
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    reward_workers: int = 0
+    """Processes scoring answers with math-verify (0: in-process)."""
+    reward_timeout_s: float = 5.0
+    reward_mode: Literal["boxed", "boxed-or-whole"] | None = None
+    """Final answer: the last \\boxed{}, or also the whole response when there is none; default: the algorithm's
+    (DAPO_dc boxed-or-whole, RETU's reward; the others boxed, the UPT-repo's); engine/reward.py."""
+    rollout_batch_size: int = 64
+    """Sequences per `generate` call of the transformers backend."""
+    eval_every: int = 10
+    """pass@1 on the eval prompts every N steps (and before the first and after the last); 0 disables."""
+    eval_samples: int = 1
+    """Samples per eval prompt (avg@k)."""
+    eval_temperature: float = 0.7
+    eval_max_prompts: int | None = None
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        for name in ("steps", "train_batch", "gen_batch", "n_samples", "max_gen_rounds", "max_prompt_len",
+                     "max_new_tokens", "micro_batch_tokens", "mini_batches", "rollout_batch_size", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_expert < 0 or self.reward_workers < 0 or self.eval_every < 0 or self.checkpoint_every < 0:
+            raise ValueError("rl.n_expert, reward_workers, eval_every and checkpoint_every must be >= 0")
+        if self.mini_batches > self.train_batch:
+            raise ValueError("rl.mini_batches cannot exceed rl.train_batch")
+        if self.micro_batch_tokens < self.max_prompt_len + self.max_new_tokens + 1:
+            raise ValueError(f"rl.micro_batch_tokens ({self.micro_batch_tokens}) must hold the longest sequence "
+                             f"(max_prompt_len + max_new_tokens + 1 = {self.max_prompt_len + self.max_new_tokens + 1})")
+        if self.algorithm in ("luffy", "srft", "upt") and self.n_expert < 1:
+            raise ValueError(f"rl.algorithm={self.algorithm} needs rl.n_expert >= 1")
+        if not self.temperature > 0:
+            raise ValueError(f"rl.temperature must be > 0 (the loss divides the logits by it), got {self.temperature}")
+        if self.aggregation == "token-sum-norm" and not (self.norm_tokens or 0) > 0:
+            raise ValueError("rl.aggregation=token-sum-norm needs rl.norm_tokens > 0")
+        if self.clip_ratio_c is not None and not self.clip_ratio_c > 1:
+            raise ValueError(f"rl.clip_ratio_c must be > 1 (.inf: off), got {self.clip_ratio_c}")
+
+
+@dataclass
+class RLJobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(config="configs/models/tiny-qwen2.json",
+                                                                   tokenizer="char"))
+    data: DataConfig = field(default_factory=DataConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+
+
