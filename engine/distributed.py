@@ -68,11 +68,13 @@ def init_distributed(device_type: str = "auto", timeout_s: int = 1800) -> DistIn
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 20000))
-        dist.init_process_group(
-            BACKENDS[device_type], rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
-        )
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if world_size == 1:  # an in-memory store: no port to collide with other runs on this host
+            dist.init_process_group(BACKENDS[device_type], store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
+        else:  # torchrun (or a test spawning ranks) sets MASTER_PORT
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            dist.init_process_group(BACKENDS[device_type], rank=rank, world_size=world_size, timeout=timeout)
     return DistInfo(rank, world_size, local_rank, device)
 
 

@@ -79,7 +79,6 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
 def _row_stats_kernel(z_ptr, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, ez_ptr, V, stride_z, inv_t,
                       BLOCK_V: tl.constexpr):
     """One row: online max / sum exp / sum exp*z over V tiles of z / tau, then lse, logp, entropy, Ez."""
@@ -108,7 +107,6 @@ def _row_stats_kernel(z_ptr, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, ez_ptr, V, str
     tl.store(ez_ptr + row, ez)
 
 
-@triton.jit
 def _grad_logits_kernel(z_ptr, g_ptr, tgt_ptr, lse_ptr, ez_ptr, c_ptr, e_ptr, V, stride_z, stride_g, inv_t,
                         HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
     """One row: G = (c (onehot - p) - e p (z - Ez)) / tau, V tiles in order (G may overwrite z in place)."""
@@ -136,6 +134,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_JITTED: dict = {}
+
+
+def _jit(kernel):
+    """triton.jit(kernel), decorated on first launch: Triton fixes interpreter or compiled mode when it
+    decorates, and the torch path imports this module too, so the choice waits until a kernel really runs."""
+    key = (kernel, _interpreting())
+    if key not in _JITTED:
+        _JITTED[key] = triton.jit(kernel)
+    return _JITTED[key]
+
+
 def _block_v(V: int) -> int:
     """V tile of the row kernels: small in the CPU interpreter (speed), 4096 on GPU (16 KiB of fp32 per load)."""
     cap = 256 if _interpreting() else 4096
@@ -148,7 +158,7 @@ def row_stats_triton(z_CV, tgt_C, inv_t, block_v=None):
     out = torch.empty((4, C), dtype=z_CV.dtype, device=z_CV.device)
     if C:
         bv = block_v or _block_v(V)
-        _row_stats_kernel[(C,)](z_CV, tgt_C, out[0], out[1], out[2], out[3], V, z_CV.stride(0), inv_t,
+        _jit(_row_stats_kernel)[(C,)](z_CV, tgt_C, out[0], out[1], out[2], out[3], V, z_CV.stride(0), inv_t,
                                 BLOCK_V=bv, num_warps=1 if _interpreting() else 8)
     return out[0], out[1], out[2], out[3]
 
@@ -158,7 +168,7 @@ def grad_logits_triton(z_CV, g_CV, tgt_C, lse_C, ez_C, c_C, e_C, inv_t, block_v=
     C, V = z_CV.shape
     if C:
         bv = block_v or _block_v(V)
-        _grad_logits_kernel[(C,)](z_CV, g_CV, tgt_C, lse_C, ez_C, c_C, c_C if e_C is None else e_C, V,
+        _jit(_grad_logits_kernel)[(C,)](z_CV, g_CV, tgt_C, lse_C, ez_C, c_C, c_C if e_C is None else e_C, V,
                                   z_CV.stride(0), g_CV.stride(0), inv_t, HAS_ENTROPY=e_C is not None,
                                   BLOCK_V=bv, num_warps=1 if _interpreting() else 8)
 
