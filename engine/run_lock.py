@@ -34,24 +34,32 @@ class RunLockError(CeilingError):
     """The run directory is in use by another process."""
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux /proc), to tell a reused pid apart."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/<pid>/stat (state, ppid, ...); None off Linux or when the pid is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # the name in (...) may hold spaces
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name in (...) may hold spaces
 
 
-def _alive(pid: int, start: str | None) -> bool:
+def pid_start(pid: int) -> str | None:
+    """The start time of `pid` in clock ticks since boot (Linux /proc): tells a reused pid apart."""
+    stat = _proc_stat(pid)
+    return stat[19] if stat else None
+
+
+def pid_alive(pid: int, start: str | None) -> bool:
+    """Whether `pid` on this host still runs the process that started at `start` (a zombie counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
-    now = _start_time(pid)
-    return start is None or now is None or now == start
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True  # no /proc: kill(0) is all we know
+    return stat[0] not in ("Z", "X") and (start is None or stat[19] == start)
 
 
 def _holder(lock: Path) -> dict | None:
@@ -66,7 +74,7 @@ def _holder(lock: Path) -> dict | None:
 def acquire_run_lock(run_dir: str | Path) -> Path:
     """Take `<run_dir>/run.lock` for this process, or raise `RunLockError` naming the holder."""
     lock = Path(run_dir) / LOCK_NAME
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid()),
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "start": pid_start(os.getpid()),
           "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     for _ in range(20):
         try:
@@ -94,7 +102,7 @@ def acquire_run_lock(run_dir: str | Path) -> Path:
             raise RunLockError(
                 f"{run_dir} is in use by pid {holder.get('pid')} on host {holder.get('host')} (since "
                 f"{holder.get('since')}); one process per run directory. If that process is gone, remove {lock}")
-        elif _alive(int(holder.get("pid", -1)), holder.get("start")):
+        elif pid_alive(int(holder.get("pid", -1)), holder.get("start")):
             raise RunLockError(
                 f"{run_dir} is in use by pid {holder['pid']} on this host ({me['host']}, since "
                 f"{holder.get('since')}); one process per run directory: wait for it, stop it, or set another "

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import CeilingError
+from engine.run_lock import pid_alive, pid_start
 
 log = logging.getLogger("ceiling")
 
@@ -64,34 +65,6 @@ class Item:
     name: str
     deps: tuple[str, ...] = ()
     note: str = ""  # what the item does, for --plan
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields 3.. of /proc/<pid>/stat (state, ppid, ...); None off Linux or when the pid is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # the name in (...) may hold spaces
-    except OSError:
-        return None
-
-
-def pid_start(pid: int) -> str | None:
-    """The start time of `pid` in clock ticks since boot (Linux /proc): tells a reused pid apart."""
-    stat = _proc_stat(pid)
-    return stat[19] if stat else None
-
-
-def pid_alive(pid: int, start: str | None) -> bool:
-    """Whether `pid` on this host still runs the process that started at `start` (a zombie counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True  # no /proc: kill(0) is all we know
-    return stat[0] not in ("Z", "X") and (start is None or stat[19] == start)
 
 
 def write_json_atomic(path: Path, obj) -> None:
