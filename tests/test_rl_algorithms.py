@@ -10,23 +10,25 @@ from engine.rl.algorithms import (
     RLBatch,
     SeqWeights,
     WeightParams,
-    aggregate,
-    entropy_coef_scale,
-    fold_kl,
     group_mean_advantages,
     grpo_advantages,
-    kl_estimate,
-    loss_normalizers,
-    normalizer_count,
-    per_sequence_mean,
     policy_loss_reference,
-    scale_expert_sft,
     sequence_weights,
     sft_weights,
     srft_sft_weights,
     to_tokens,
     token_weights,
     upt_sft_gate,
+)
+from engine.rl.normalizers import (
+    aggregate,
+    entropy_coef_scale,
+    fold_kl,
+    kl_estimate,
+    loss_normalizers,
+    normalizer_count,
+    per_sequence_mean,
+    scale_expert_sft,
 )
 
 S3 = 1 / math.sqrt(3)  # unbiased std of [1, 0, 0, 1]

@@ -15,7 +15,8 @@ import torch
 
 from engine import flops
 from engine.losses import linear_policy_loss
-from engine.rl.algorithms import RLBatch, loss_normalizers, sequence_weights
+from engine.rl.algorithms import RLBatch, sequence_weights
+from engine.rl.normalizers import loss_normalizers
 from engine.rl.update import LossSettings, MicroBatchLoss
 
 L_PAD = 16  # the reference's padded response length (8192 in its runs)

@@ -1,25 +1,22 @@
 """RL building blocks, pure functions over tensors and lists (no rollout, no ranks).
 
-    algorithms   advantages, per-token loss weights of GRPO / DAPO / LUFFY / SRFT / UPT, normalisers, KL
+    algorithms   advantages, per-token loss weights of GRPO / DAPO / LUFFY / SRFT / UPT
+    normalizers  one normaliser per loss term, token aggregation, the KL term
     sampling     DAPO dynamic sampling (drop all-equal groups, generate until the batch is full)
     update       one micro-batch's loss_fn: weights from the training forward (SRFT entropy, KL), fused loss
 """
 
 from engine.rl.algorithms import (
-    AGGREGATIONS,
     ALGORITHMS,
     AlgorithmSpec,
-    LossNormalizers,
     RLBatch,
     SeqWeights,
     TokenWeights,
     WeightParams,
-    aggregate,
-    loss_normalizers,
-    normalizer_count,
     sequence_weights,
     token_weights,
 )
+from engine.rl.normalizers import AGGREGATIONS, LossNormalizers, aggregate, loss_normalizers, normalizer_count
 from engine.rl.sampling import Group, SamplingResult, UnfilledBatchError, dynamic_sampling
 from engine.rl.update import LossSettings, MicroBatchLoss
 

@@ -54,15 +54,9 @@ from engine.losses import linear_policy_loss
 from engine.metrics import MetricsLogger, make_run_dir, progress
 from engine.models import PackedCausalLM, build_model
 from engine.reward import score_responses
-from engine.rl.algorithms import (
-    ALGORITHMS,
-    RLBatch,
-    SeqWeights,
-    WeightParams,
-    loss_normalizers,
-    sequence_weights,
-)
+from engine.rl.algorithms import ALGORITHMS, RLBatch, SeqWeights, WeightParams, sequence_weights
 from engine.rl.config import RLJobConfig
+from engine.rl.normalizers import loss_normalizers
 from engine.rl.sampling import Group, dynamic_sampling
 from engine.rl.update import LossSettings, MicroBatchLoss
 from engine.rollout import SamplingParams, build_rollout, check_weight_version

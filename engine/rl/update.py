@@ -29,19 +29,16 @@ from dataclasses import dataclass, replace
 import torch
 
 from engine.losses import PolicyLossOutput, linear_policy_loss
-from engine.rl.algorithms import (
+from engine.rl.algorithms import AlgorithmSpec, SeqWeights, srft_sft_weights, to_tokens
+from engine.rl.normalizers import (
     AGGREGATIONS,
-    AlgorithmSpec,
     LossNormalizers,
-    SeqWeights,
     aggregate,
     entropy_coef_scale,
     fold_kl,
     kl_estimate,
     per_sequence_mean,
     scale_expert_sft,
-    srft_sft_weights,
-    to_tokens,
 )
 
 __all__ = ["LossSettings", "MicroBatchLoss"]
