@@ -52,6 +52,7 @@ from engine.errors import CeilingError
 from engine.run_lock import pid_alive, pid_start
 
 log = logging.getLogger("ceiling")
+_GUARD_STALE_S = 30.0  # age after which a takeover guard is a crashed taker's leftover
 
 
 class LockLost(CeilingError):
@@ -213,25 +214,54 @@ class RunDir:
             reason = self.stale_reason(holder)
             if reason is None:
                 return None
-            moved = path.with_name(f"{path.name}.stale.{me['token']}")
-            try:
-                os.rename(path, moved)  # one taker wins; the others find no file
-            except FileNotFoundError:
-                continue
-            took = read_json(moved) or {}
-            if took.get("token") != holder.get("token"):  # a fresh claimer got in between: put its lock back
-                try:
-                    os.link(moved, path)
-                except FileExistsError:
-                    pass
-                moved.unlink(missing_ok=True)
-                return None
-            moved.unlink(missing_ok=True)
+            if not self._take_over(path, holder, me["token"]):
+                continue  # another taker holds the takeover guard, or the lock changed: look again
             log.warning("sweep: taking over %s from pid %s on %s: %s", name, holder.get("pid"), holder.get("host"),
                         reason)
             if on_takeover is not None:
                 on_takeover(name, holder)
         return None
+
+    def _take_over(self, path: Path, holder: dict, token: str) -> bool:
+        """Remove the stale lock `holder` (read from `path`), serialised by a guard file so that no two takers
+        ever move locks at once: without it, a late taker could move away the fresh lock of the first one and
+        a third claimer could slip into the gap. True when the stale lock is gone and we may create ours."""
+        guard = path.with_name(path.name + ".takeover")
+        try:
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:  # a guard is held for milliseconds; one left by a crashed taker is removed after a while
+                if time.time() - guard.stat().st_mtime > _GUARD_STALE_S:
+                    guard.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+            time.sleep(0.01)
+            return False
+        os.close(fd)
+        try:
+            current = read_json(path)
+            if current is None or current.get("token") != holder.get("token"):
+                return False  # released or taken meanwhile: the caller looks again
+            moved = path.with_name(f"{path.name}.stale.{token}")
+            try:
+                os.rename(path, moved)
+            except FileNotFoundError:
+                return False
+            took = read_json(moved) or {}
+            if took.get("token") != holder.get("token"):
+                # its owner released it and a fresh claimer created a new lock between our read and the
+                # rename: put that lock back (if a third claimer got in first, the fresh one's heartbeat
+                # sees the loss and stops its item)
+                try:
+                    os.link(moved, path)
+                except FileExistsError:
+                    pass
+                moved.unlink(missing_ok=True)
+                return False
+            moved.unlink(missing_ok=True)
+            return True
+        finally:
+            guard.unlink(missing_ok=True)
 
     def release(self, lock: Lock) -> None:
         if lock.still_ours():

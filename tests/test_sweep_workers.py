@@ -162,25 +162,38 @@ def test_old_heartbeat_from_another_host_is_stale(tmp_path):
     assert rd.try_claim("s/sft") is not None
 
 
-def test_one_taker_wins_a_stale_lock(tmp_path):
+def test_one_taker_wins_a_stale_lock(tmp_path, monkeypatch):
+    # 8 threads race for 12 stale locks; each rename is slowed down so that a late taker's rename lands
+    # after the first taker made its fresh lock (the window that once let two takers win)
+    real_rename = os.rename
+
+    def slow_rename(src, dst):
+        real_rename(src, dst)
+        time.sleep(0.005)
+
+    monkeypatch.setattr("engine.sweep_worker.os.rename", slow_rename)
+    names = [f"s/rl/{i}" for i in range(12)]
     rd = RunDir(tmp_path, stale_after=60)
-    path = rd.lock_path("s/sft")
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"host": "gone", "pid": 1, "start": None, "token": "x"}))
-    os.utime(path, (0, 0))
-    wins, barrier = [], threading.Barrier(8)
+    for name in names:
+        path = rd.lock_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"host": "gone", "pid": 1, "start": None, "token": "x"}))
+        os.utime(path, (0, 0))
+    won, barrier = [], threading.Barrier(8)
 
-    def take():
+    def take(k):
+        mine = RunDir(tmp_path, stale_after=60)
         barrier.wait()
-        wins.append(RunDir(tmp_path, stale_after=60).try_claim("s/sft"))
+        won.extend(name for name in names[k % 4:] + names[:k % 4] if mine.try_claim(name) is not None)
 
-    threads = [threading.Thread(target=take) for _ in range(8)]
+    threads = [threading.Thread(target=take, args=(k,)) for k in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sum(w is not None for w in wins) == 1
-    assert sorted(p.name for p in path.parent.iterdir()) == ["sft.lock"]  # no stale copies left behind
+    assert sorted(won) == sorted(names)  # each exactly once (the takers live on: their locks stay fresh)
+    left = sorted(p.name for p in rd.lock_path(names[0]).parent.iterdir())
+    assert left == sorted(f"{i}.lock" for i in range(12))  # no stale copies or guards left behind
 
 
 def test_done_is_published_once(tmp_path):
