@@ -14,8 +14,9 @@ Protocol of one worker (`Worker.run`), repeated until nothing is left:
      RL branches once the SFT run has picked its checkpoints).
   2. claim the first item, in plan order, that is not done, not failed, whose dependencies are all done and
      whose lock is free or stale. Stale: the heartbeat is older than `stale_after` s, or the holder runs on
-     this host and its pid is gone (or was reused). A stale lock is renamed away (one taker wins the rename)
-     and `on_takeover` is told whose it was, so the item's own run locks can be cleared.
+     this host and its pid is gone (or was reused). A stale lock is removed by one taker at a time (a
+     `<item>.lock.takeover` guard, O_EXCL), then claimed like a free one; `on_takeover` is told whose it was,
+     so the item's own run locks can be cleared.
   3. run it; a heartbeat thread touches the lock and checks that it is still ours (same inode). A worker
      that loses its lock (it froze past `stale_after` and was taken over) stops the item and publishes nothing.
   4. publish the record (done) or the failure, release the lock.
