@@ -3,6 +3,7 @@
     ceiling --help
     ceiling run configs/tiny.yaml                  # SFT -> switch at the Stable sub-phase -> RL -> report
     ceiling sweep configs/sweep-tiny.yaml          # the paper's study in miniature: branches, baselines, fits
+    ceiling pretrain configs/pretrain-tiny.yaml    # the tiny base model (facts + direct answers; shipped)
     ceiling fit DATA.json --all --out runs/fit     # Plasticity-Ceiling fits (engine/analysis)
     ceiling flops sft --model-config configs/models/qwen2.5-7b.json --batch-size 512 --mean-seq-len 3771 --steps 360
     ceiling sft configs/tiny.yaml [--set sft.lr=3e-4]
@@ -22,7 +23,7 @@ from engine.errors import CeilingError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine import evaluate, flops, pipeline, sft, sweep
+    from engine import evaluate, flops, pipeline, pretrain, sft, sweep
     from engine.analysis import cli as analysis_cli
     from engine.rl import cli as rl_cli
 
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ceiling-engine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for register in (pipeline.register, sweep.register, sft.register, rl_cli.register, evaluate.register, flops.register,
+    for register in (pipeline.register, sweep.register, pretrain.register, sft.register, rl_cli.register, evaluate.register, flops.register,
                      analysis_cli.register):
         register(sub)
     return parser

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import shlex
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Literal
 
 from engine.analysis.early_stop import ceiling_stop_rule
+from engine.analysis.phases import classify_subphases
 from engine.checkpoint import checkpoint_name
 from engine.config import DataConfig, ModelConfig, RunConfig, add_config_arguments, dump_config, to_dict
 from engine.data.synthetic import SyntheticTaskConfig
@@ -77,12 +79,19 @@ class SceneSpec:
     """Override of data.synthetic.difficulty_mix."""
     baselines: bool = True
     """Run sweep.baselines in this scene (off: only the SFT checkpoints' RL branches and pure RL)."""
+    pure_rl: bool = True
+    """Run pure RL from the base model in this scene (its RL and eval sets are those of every scene, so one
+    scene is enough)."""
+    branches: int | None = None
+    """Override of sweep.branches for this scene."""
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
             raise ValueError(f"sweep.scenes: bad scene name {self.name!r}")
         if self.num_train is not None and self.num_train < 1:
             raise ValueError(f"sweep.scenes[{self.name}].num_train must be >= 1, got {self.num_train}")
+        if self.branches is not None and self.branches < 1:
+            raise ValueError(f"sweep.scenes[{self.name}].branches must be >= 1, got {self.branches}")
 
 
 @dataclass
@@ -90,7 +99,14 @@ class SweepConfig:
     """Which branches and baselines the sweep runs, how it evaluates, and live early stopping."""
 
     branches: int = 3
-    """SFT checkpoints that start an RL branch (spread over the validations; min-val-loss always one)."""
+    """SFT checkpoints that start an RL branch (min-val-loss always one; see `branch_rule`)."""
+    branch_rule: Literal["spread", "subphase"] = "spread"
+    """How the branches are chosen: spread evenly over the validations, or one per SFT sub-phase present
+    (Adaptive: the middle of the span, Stable: the min-val-loss step, Mild: its middle, Severe: the last
+    validation), then spread to fill `branches` (the paper's RQ2 compares switch points by sub-phase)."""
+    matched_compute: bool = True
+    """Pure RL and the baselines of a scene get the sequential paradigm's compute: SFT up to the min-val-loss
+    checkpoint plus the RL branch from it (they run after that branch, with `rl.max_exaflops`)."""
     baselines: list[Literal["luffy", "srft", "upt"]] = field(default_factory=lambda: list(BASELINES))
     """Synchronized SFT-RL baselines, each an RL run from the base model with that rl.algorithm."""
     eval_samples: int = 2
@@ -131,6 +147,9 @@ class SweepJobConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    quick: list[str] = field(default_factory=list)
+    """`--set` overrides that `ceiling sweep CONFIG --quick` applies first: the same study, smaller, as a smoke
+    check (give it its own run.name)."""
 
     def __post_init__(self):
         if self.data.synthetic is None:
@@ -148,6 +167,22 @@ def select_branches(steps: list[int], best: int | None, k: int) -> list[int]:
         nearest = min(range(k), key=lambda j: (abs(idx[j] - b), -idx[j]))
         chosen[nearest] = best
     return sorted(set(chosen))
+
+
+def select_branches_by_subphase(steps: list[int], labels: list[str], best: int, k: int) -> list[int]:
+    """One SFT step per sub-phase present (Adaptive: middle of its span; Stable: `best`; Mild: middle; Severe:
+    the last validation), then the evenly spread ones (`select_branches`) until there are `k`."""
+    chosen = [best]
+    for phase in ("Adaptive", "Mild", "Severe"):
+        span = [s for s, lab in zip(steps, labels) if lab == phase]
+        if span and len(chosen) < k:
+            chosen.append(span[-1] if phase == "Severe" else span[(len(span) - 1) // 2])
+    for step in select_branches(steps, best, k) + list(steps):
+        if len(chosen) >= k:
+            break
+        if step not in chosen:
+            chosen.append(step)
+    return sorted(chosen)
 
 
 
@@ -182,9 +217,15 @@ class Sweep:
             for step in sft["branches"] if sft else []:
                 items.append(Item(f"{name}/rl/{step}", (f"{name}/sft",), f"{self.job.rl.algorithm} from SFT step {step}"))
         for name, spec in self.scenes.items():
-            items.append(Item(f"{name}/rl/0", (), f"{self.job.rl.algorithm} from the base model (pure RL)"))
+            deps, budget = (), ""
+            if self.job.sweep.matched_compute:
+                sft = self.rundir.record(f"{name}/sft")
+                deps = (f"{name}/sft", f"{name}/rl/{sft['sft']['best']['step']}") if sft else (f"{name}/sft",)
+                budget = ", matched to SFT-then-RL's compute"
+            if spec.pure_rl:
+                items.append(Item(f"{name}/rl/0", deps, f"{self.job.rl.algorithm} from the base model (pure RL){budget}"))
             for algo in self.job.sweep.baselines if spec.baselines else []:
-                items.append(Item(f"{name}/baseline/{algo}", (), f"{algo} from the base model"))
+                items.append(Item(f"{name}/baseline/{algo}", deps, f"{algo} from the base model{budget}"))
         return items
 
     def state(self) -> dict:
@@ -249,8 +290,20 @@ class Sweep:
             step = int(rest[0])
             if step and step not in self._need(f"{scene}/sft")["branches"]:
                 raise ConfigError(f"sweep: {name}: SFT step {step} is not one of the branches of {scene}")
-            return self.run_rl(spec, name, self.job.rl.algorithm, step, self.job.sweep.early_stop)
+            return self.run_rl(spec, name, self.job.rl.algorithm, step, self.job.sweep.early_stop and (step > 0 or not self.job.sweep.matched_compute))
         return self.run_rl(spec, name, rest[0], None, False)
+
+    def matched_budget(self, scene: str) -> dict | None:
+        """The sequential paradigm's compute in `scene` (EFLOPs): SFT to the min-val-loss checkpoint + the RL
+        branch from it; None when `sweep.matched_compute` is off."""
+        if not self.job.sweep.matched_compute:
+            return None
+        sft = self._need(f"{scene}/sft")["sft"]
+        best = sft["best"]["step"]
+        rl = self._need(f"{scene}/rl/{best}")["rl"]
+        sft_ef = next(h["exaflops"] for h in sft["val_history"] if h["step"] == best)
+        return {"sft_step": best, "sft_exaflops": sft_ef, "rl_exaflops": rl["exaflops"],
+                "exaflops": sft_ef + rl["exaflops"], "rl_step_exaflops": rl["exaflops"] / max(rl["steps"], 1)}
 
     def _need(self, name: str) -> dict:
         rec = self.rundir.record(name)
@@ -274,7 +327,13 @@ class Sweep:
         if not summary["val_history"]:
             raise ValueError("sweep: SFT recorded no validation (need sft.val_every > 0 and a val split)")
         steps = [h["step"] for h in summary["val_history"]]
-        branches = select_branches(steps, summary["best"]["step"], job.sweep.branches)
+        k = spec.branches or job.sweep.branches
+        if job.sweep.branch_rule == "subphase":
+            labels = classify_subphases([h["val_loss"] for h in summary["val_history"]], job.sft.subphase_d1,
+                                        job.sft.subphase_d2)
+            branches = select_branches_by_subphase(steps, labels, summary["best"]["step"], k)
+        else:
+            branches = select_branches(steps, summary["best"]["step"], k)
         log.info("sweep %s: RL branches from SFT steps %s", spec.name, branches)
         return {"sft": {k: summary[k] for k in ("steps", "exaflops", "best", "val_history")}, "branches": branches}
 
@@ -318,16 +377,23 @@ class Sweep:
         if ckpt is not None and not ckpt.is_dir():
             raise ConfigError(f"sweep: {key}: the SFT checkpoint {ckpt} does not exist")
         name = f"rl_{init_step or 0}" if "/rl/" in key else f"baseline_{algorithm}"
+        rl = replace(job.rl, algorithm=algorithm, init_checkpoint=str(ckpt) if ckpt else None)
+        budget = self.matched_budget(spec.name) if not init_step else None
+        if budget is not None:
+            # Steps are an upper bound (the base model's short answers make a step cheaper than a branch's);
+            # evaluations about as often, in compute, as in the branch the budget comes from.
+            est = budget["exaflops"] / budget["rl_step_exaflops"]
+            rl = replace(rl, max_exaflops=budget["exaflops"], steps=max(job.rl.steps, math.ceil(4 * est)),
+                         eval_every=max(1, round(job.rl.eval_every * est / job.rl.steps)))
         rl_job = RLJobConfig(run=replace(job.run, output_dir=str(self.root / spec.name), name=name),
-                             model=job.model, data=self.scene_data(spec),
-                             rl=replace(job.rl, algorithm=algorithm, init_checkpoint=str(ckpt) if ckpt else None))
+                             model=job.model, data=self.scene_data(spec), rl=rl)
         rule = ceiling_stop_rule(sweep.tol, sweep.patience, sweep.min_points, min_fraction=sweep.min_fraction,
                                  planned_steps=job.rl.steps) if early_stop else None
         summary = RLTrainer(rl_job).fit(stop_when=rule)
         destroy_distributed()
         return {"rl": {"algorithm": algorithm, "init_step": init_step or 0, "dir": name,
-                       "steps": summary["steps"], "planned_steps": job.rl.steps,
-                       "exaflops": summary["exaflops"], "stopped": summary["stopped"],
+                       "steps": summary["steps"], "planned_steps": job.rl.steps if budget is None else summary["steps"],
+                       "exaflops": summary["exaflops"], "stopped": summary["stopped"], "budget": budget,
                        "eval_history": summary["eval_history"]}}
 
     # ------------------------------------------------------------ whole runs
@@ -373,9 +439,9 @@ class Sweep:
     def plan_text(self) -> str:
         """The items, their dependencies and where each stands; the branches not yet chosen as one line."""
         lines = [f"sweep {self.root}: items in the order workers take them", ""] + self.rundir.describe(self.items())
-        for name in self.scenes:
+        for name, spec in self.scenes.items():
             if self.rundir.record(f"{name}/sft") is None:
-                lines.append(f"{name + '/rl/<k>':28s} {'waiting':12s} {self.job.sweep.branches} RL branches from "
+                lines.append(f"{name + '/rl/<k>':28s} {'waiting':12s} {spec.branches or self.job.sweep.branches} RL branches from "
                              f"SFT checkpoints, chosen when {name}/sft ends  after {name}/sft")
         return "\n".join(lines) + "\n"
 
@@ -395,6 +461,7 @@ def register(subparsers) -> None:
     add_config_arguments(p)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--plan", action="store_true", help="print the items, their dependencies and status")
+    p.add_argument("--quick", action="store_true", help="apply the config's `quick:` overrides (a smoke check)")
     mode.add_argument("--worker", action="store_true",
                       help="claim and run items (each as a child process) until none is left; run N of these")
     mode.add_argument("--slurm", action="store_true", help="write <run>/sweep.sbatch: an array of --worker jobs")
@@ -429,6 +496,13 @@ def main(args: argparse.Namespace) -> int:
     from engine.jobs import run_job
 
     status = {"rc": 0}
+    if args.quick:
+        from engine.config import load_config
+
+        quick = load_config(args.config, SweepJobConfig, args.overrides).quick
+        if not quick:
+            raise ConfigError(f"{args.config}: --quick needs a `quick:` list of overrides in the config")
+        args.overrides = [*quick, *args.overrides]
 
     def run(job: SweepJobConfig) -> None:
         sweep = Sweep(job, stale_after=args.stale_after)

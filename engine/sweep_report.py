@@ -29,6 +29,7 @@ from engine.analysis import (
     replay_scene,
 )
 from engine.analysis.early_stop import decide
+from engine.analysis.findings import a_post_se, pass1_se
 from engine.analysis.report import early_stop_markdown
 from engine.report import GFLOPS_PER_EFLOPS, PHASE_COLORS
 
@@ -76,9 +77,11 @@ def _n(v: float | None, digits: int = 2) -> str:
 
 
 def scene_table(st: dict, results: dict, subphase: dict[int, str]) -> tuple[str, list[dict]]:
-    """The markdown table (one row per RL branch, pure RL first) and the same rows as dicts."""
+    """The markdown table (one row per RL branch, pure RL first) and the same rows as dicts. P_sft and A_post
+    carry one standard error (evaluation set; fit covariance)."""
     history = {h["step"]: h for h in st["sft"]["val_history"]}
-    lines = ["| SFT step | sub-phase | SFT compute (GFLOPs) | P_sft | PL_rl | C_mid | B | A_post | "
+    n_eval = st.get("n_eval") or 1
+    lines = ["| SFT step | sub-phase | SFT compute (GFLOPs) | P_sft ± SE | PL_rl | C_mid | B | A_post ± SE | "
              "RL steps used/planned | RL compute (GFLOPs) |",
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     rows, notes = [], []
@@ -89,15 +92,19 @@ def scene_table(st: dict, results: dict, subphase: dict[int, str]) -> tuple[str,
         if fit is None:
             notes.append(f"- step {step}: fit n/a: {res if res is not None else 'no RL evaluation after the start'}")
         p_sft = st["sft_pass1"][str(step)]
-        row = {"sft_step": step, "subphase": subphase.get(step, "base"),
+        p_se = pass1_se(p_sft, n_eval)
+        a_se = a_post_se(fit, p_se) if fit else None
+        row = {"sft_step": step, "subphase": subphase.get(step, "base"), "P_sft_se": p_se, "A_post_se": a_se,
                "sft_gflops": _gf(history[step]["exaflops"]) if step else 0.0, "P_sft": p_sft,
                "PL_rl": fit.PL_rl if fit else None, "C_mid": fit.C_mid if fit else None, "B": fit.B if fit else None,
                "A_post": fit.A_post if fit else None, "rl_steps": run["steps"], "rl_planned": run["planned_steps"],
                "rl_gflops": _gf(run["exaflops"], 4), "stopped": run["stopped"]}
         rows.append(row)
         used = f"{run['steps']}/{run['planned_steps']}" + (" (early stop)" if run["stopped"] else "")
-        lines.append(f"| {step} | {row['subphase']} | {row['sft_gflops']:.2f} | {p_sft:.2f} | {_n(row['PL_rl'])} | "
-                     f"{_n(row['C_mid'], 3)} | {_n(row['B'])} | {_n(row['A_post'])} | {used} | {row['rl_gflops']:.4g} |")
+        a_post = _n(row["A_post"]) + (f" ± {_n(a_se, 1)}" if fit else "")
+        lines.append(f"| {step} | {row['subphase']} | {row['sft_gflops']:.2f} | {p_sft:.2f} ± {p_se:.1f} | "
+                     f"{_n(row['PL_rl'])} | {_n(row['C_mid'], 3)} | {_n(row['B'])} | {a_post} | {used} | "
+                     f"{row['rl_gflops']:.4g} |")
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n", rows
 
 
@@ -157,7 +164,9 @@ def plot_paradigms(st: dict, path: Path, title: str) -> None:
 
 
 def write_sweep_report(job, root: Path, state: dict) -> Path:
-    sections, tables, pairs, skipped = [], [], [], []
+    from engine.study_report import findings_markdown
+
+    sections, tables, pairs, skipped, a_posts = [], [], [], [], {}
     cfg = job.sft
     for spec in job.sweep.scenes:
         st, out = state["scenes"][spec.name], root / spec.name
@@ -176,6 +185,8 @@ def write_sweep_report(job, root: Path, state: dict) -> Path:
                                     min_points=job.sweep.min_points, min_fraction=job.sweep.min_fraction)
             replay = early_stop_markdown(replayed, compute_unit="GFLOPs") + "\n" + decide(replayed).summary() + "\n"
         table, rows = scene_table(st, results, subphase)
+        a_posts[spec.name] = {r["sft_step"]: (r["A_post"], r["A_post_se"]) for r in rows
+                              if r["A_post"] is not None and r["sft_step"] > 0}
         (out / "table.md").write_text(f"### scene `{spec.name}`\n\n{table}")
         (out / "table.json").write_text(json.dumps(rows, indent=1))
         plot_a_post(st, rows, labels, out / "a_post.png", f"{spec.name}: A_post = P_sft + PL_rl vs SFT compute")
@@ -248,6 +259,7 @@ validation history): Stable L <= {1 + cfg.subphase_d1:.2f} L_min, Mild below {1 
 the last Stable point, Severe above, Adaptive before. Live early stopping of RL branches: {early}.
 "n/a": the branch has too few usable points for the fit (the reason is listed under the table).
 
+{findings_markdown(job, root, state, a_posts)}
 {"".join(sections)}
 ## Compute: spent vs a full sweep
 

@@ -186,6 +186,23 @@ def test_stop_when_ends_a_branch_and_resume_respects_it(tmp_path, sft_run):
     assert again["steps"] == 2
 
 
+def test_max_exaflops_ends_the_run_at_its_compute_budget(tmp_path, sft_run):
+    """The sweep's matched-compute runs: RL stops at the first step whose cumulative compute reaches the budget,
+    evaluates and checkpoints there, and a restart does not train past it."""
+    two = RLTrainer(rl_job(tmp_path, sft_run, "grpo", name="two", steps=2, eval_every=0)).fit()
+    destroy_distributed()
+    budget = two["exaflops"] * 1.001  # just past two steps: the third step crosses it
+    job = rl_job(tmp_path, sft_run, "grpo", name="budget", steps=8, eval_every=5, checkpoint_every=0,
+                 max_exaflops=budget)
+    summary = RLTrainer(job).fit()
+    assert summary["steps"] == 3 and summary["exaflops"] >= budget
+    assert [e["step"] for e in summary["eval_history"]] == [0, 3]  # the budget's end is evaluated
+    destroy_distributed()
+    assert RLTrainer(job).fit()["steps"] == 3  # resumed: the budget is spent, nothing more is trained
+    with pytest.raises(ValueError, match="max_exaflops"):
+        RLConfig(max_exaflops=0.0)
+
+
 def test_ceiling_stop_rule_on_a_saturating_curve():
 
     from engine.analysis.early_stop import ceiling_stop_rule

@@ -16,7 +16,15 @@ from engine.data.tokenizer import build_char_tokenizer
 from engine.errors import ConfigError
 from engine.rl.config import RLConfig
 from engine.sft.trainer import SFTConfig
-from engine.sweep import SceneSpec, Sweep, SweepConfig, SweepJobConfig, item_command, select_branches
+from engine.sweep import (
+    SceneSpec,
+    Sweep,
+    SweepConfig,
+    SweepJobConfig,
+    item_command,
+    select_branches,
+    select_branches_by_subphase,
+)
 
 pytestmark = pytest.mark.usefixtures("trainer_env")  # tests/conftest.py
 
@@ -28,6 +36,49 @@ def test_select_branches_spreads_and_keeps_best():
     assert select_branches(steps, 200, 1) == [200]
     assert select_branches(steps, 100, 10) == steps
     assert 250 in select_branches(steps, 250, 2)
+
+
+def test_select_branches_by_subphase_takes_one_per_phase_then_spreads():
+    steps = [25, 50, 75, 100, 125, 150, 175, 200]
+    labels = ["Adaptive", "Adaptive", "Adaptive", "Stable", "Stable", "Mild", "Mild", "Severe"]
+    assert select_branches_by_subphase(steps, labels, 100, 4) == [50, 100, 150, 200]
+    assert select_branches_by_subphase(steps, labels, 100, 2) == [50, 100]  # best, then Adaptive
+    no_overfit = ["Adaptive"] * 6 + ["Stable"] * 2
+    assert select_branches_by_subphase(steps, no_overfit, 200, 3) == [25, 75, 200]  # best, mid-Adaptive, spread
+
+
+def test_matched_compute_budget_and_dependencies(tmp_path):
+    """Pure RL and the baselines wait for the branch from the min-val-loss checkpoint and get its total compute:
+    SFT to that checkpoint plus the branch's RL."""
+    sweep = Sweep(tiny_sweep(tmp_path, baselines=["luffy", "upt"]))
+    deps = {i.name: i.deps for i in sweep.items()}
+    assert deps["default/rl/0"] == deps["default/baseline/upt"] == ("default/sft",)
+    history = [{"step": s, "val_loss": v, "exaflops": 1e-7 * s} for s, v in ((4, 0.9), (8, 0.5), (12, 0.6))]
+    sweep.rundir.publish_done("default/sft", {"sft": {"steps": 12, "exaflops": 1.2e-6, "best": history[1],
+                                                      "val_history": history}, "branches": [8, 12]})
+    deps = {i.name: i.deps for i in sweep.items()}
+    assert deps["default/rl/0"] == deps["default/baseline/luffy"] == ("default/sft", "default/rl/8")
+    sweep.rundir.publish_done("default/rl/8", {"rl": {"algorithm": "dapo_dc", "init_step": 8, "steps": 4,
+                                                      "exaflops": 2e-7, "eval_history": []}})
+    budget = sweep.matched_budget("default")
+    assert budget["sft_step"] == 8 and budget["exaflops"] == pytest.approx(8e-7 + 2e-7)
+    assert budget["rl_step_exaflops"] == pytest.approx(5e-8)
+    (tmp_path / "off").mkdir()
+    off = Sweep(tiny_sweep(tmp_path / "off", matched_compute=False))
+    assert {i.name: i.deps for i in off.items()}["default/rl/0"] == () and off.matched_budget("default") is None
+
+
+def test_quick_applies_the_configs_overrides(tmp_path, capsys):
+    config = tmp_path / "sweep.yaml"
+    cfg = tiny_sweep(tmp_path)
+    cfg.quick = ["run.name=q", "sft.steps=5", "sweep.scenes=[{name: a, num_train: 64, branches: 1}]"]
+    dump_config(cfg, config)
+    assert cli_main(["sweep", str(config), "--quick", "--plan"]) == 0
+    plan = capsys.readouterr().out
+    assert f"sweep {tmp_path / 'runs' / 'q'}" in plan and "a/sft " in plan and "default/" not in plan
+    cfg.quick = []
+    dump_config(cfg, config)
+    assert cli_main(["sweep", str(config), "--quick", "--plan"]) == 2  # nothing to apply: a clear error
 
 
 def test_sweep_config_rejects():

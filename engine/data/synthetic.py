@@ -177,10 +177,21 @@ def generate_task(cfg: SyntheticTaskConfig) -> dict[str, list[dict]]:
     """All four splits: 'train'/'val' rows {id, prompt, response, answer, num_ops, num_digits},
     'rl' rows (same fields; `response` is the expert trajectory for off-policy algorithms) and
     'eval' rows {id, prompt, answer, num_ops, num_digits}. Splits are disjoint by problem."""
+    return _draw_task(cfg)[0]
+
+
+def task_problems(cfg: SyntheticTaskConfig, splits: Iterable[str] = SPLITS) -> set[Problem]:
+    """The problems of `splits` (e.g. to keep another corpus, such as the pretraining text, disjoint)."""
+    problems = _draw_task(cfg)[1]
+    return {p for split in splits for p in problems[split]}
+
+
+def _draw_task(cfg: SyntheticTaskConfig) -> tuple[dict[str, list[dict]], dict[str, list[Problem]]]:
     sizes = {"train": cfg.num_train, "val": cfg.num_val, "rl": cfg.num_rl, "eval": cfg.num_eval}
     mixes = {"train": cfg.difficulty_mix, "val": cfg.difficulty_mix, "rl": cfg.rl_mix, "eval": cfg.eval_mix}
     seen: set[Problem] = set()
     out: dict[str, list[dict]] = {}
+    problems: dict[str, list[Problem]] = {split: [] for split in SPLITS}
     for split in SPLITS:
         rng = random.Random(_split_seed(cfg.seed, split))
         lv, weights = levels(cfg), level_weights(cfg, mixes[split])
@@ -198,6 +209,7 @@ def generate_task(cfg: SyntheticTaskConfig) -> dict[str, list[dict]]:
                     )
                 continue
             seen.add(problem)
+            problems[split].append(problem)
             prompt, response, answer = render(problem, rng)
             row = {
                 "id": f"{split}-{len(rows)}",
@@ -212,7 +224,7 @@ def generate_task(cfg: SyntheticTaskConfig) -> dict[str, list[dict]]:
             rows.append(row)
         out[split] = rows
         _warn_short_levels(split, rows, lv, weights, mixes[split])
-    return {split: out[split] for split in ("train", "val", "rl", "eval")}
+    return {split: out[split] for split in ("train", "val", "rl", "eval")}, problems
 
 
 def _warn_short_levels(split: str, rows: list[dict], lv: list[tuple[int, int]], weights: list[float],

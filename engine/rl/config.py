@@ -26,6 +26,9 @@ class RLConfig:
     """Held-out prompts {prompt, answer}; default: the synthetic task's eval split."""
     steps: int = 100
     """Rollout batches (each gives `mini_batches` optimizer updates)."""
+    max_exaflops: float | None = None
+    """End the run once its cumulative RL compute (Appendix C) reaches this many EFLOPs, evaluated and
+    checkpointed; `steps` stays the upper bound. The sweep gives its matched-compute baselines this budget."""
     train_batch: int = 64
     """Groups (prompts) per update batch."""
     gen_batch: int = 64
@@ -120,6 +123,8 @@ class RLConfig:
             raise ValueError(f"rl.temperature must be > 0 (the loss divides the logits by it), got {self.temperature}")
         if self.aggregation == "token-sum-norm" and not (self.norm_tokens or 0) > 0:
             raise ValueError("rl.aggregation=token-sum-norm needs rl.norm_tokens > 0")
+        if self.max_exaflops is not None and not self.max_exaflops > 0:
+            raise ValueError(f"rl.max_exaflops must be > 0 (or null), got {self.max_exaflops}")
         if self.clip_ratio_c is not None and not self.clip_ratio_c > 1:
             raise ValueError(f"rl.clip_ratio_c must be > 1 (.inf: off), got {self.clip_ratio_c}")
 

@@ -463,9 +463,9 @@ class RLTrainer:
         try:
             if self.step == 0 and cfg.eval_every and self.eval_prompts:
                 metrics.log(0, self._record_eval())
-            while self.step < cfg.steps:
+            while self.step < cfg.steps and not self._budget_spent():
                 record = self.train_step()
-                last = self.step == cfg.steps
+                last = self.step == cfg.steps or self._budget_spent()
                 if self.eval_prompts and cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
                     record.update(self._record_eval())
                 if self.step % self.job.run.log_every == 0 or last or "eval/pass@1" in record:
@@ -487,6 +487,9 @@ class RLTrainer:
             bar.close()
             metrics.close()
         return self._summary()
+
+    def _budget_spent(self) -> bool:
+        return self.cfg.max_exaflops is not None and self.state["exaflops"] >= self.cfg.max_exaflops
 
     def _summary(self) -> dict[str, object]:
         summary = {"steps": self.step, "exaflops": self.state["exaflops"], "eval_history": self.state["eval_history"],
