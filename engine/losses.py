@@ -42,9 +42,9 @@ SRFT's w1 / w2 are stop-gradient functions of the policy entropy; the trainer co
 the entropy this function returned on the rollout forward) and passes them as sft_weight.
 
 Outputs: `logp` and `entropy` are per-token fp32, detached, 0 where loss_mask is 0 (those tokens are
-compacted away before the LM-head GEMMs). clip_frac_low / clip_frac_high are the fractions of masked
-on-policy tokens with pg_weight != 0 where the clip is active: A < 0 and r < 1 - eps_low / A > 0 and
-r > 1 + eps_high (0-d tensors, no host sync).
+compacted away before the LM-head GEMMs, or zeroed in them with compact="mask"). clip_frac_low /
+clip_frac_high are the fractions of masked on-policy tokens with pg_weight != 0 where the clip is active:
+A < 0 and r < 1 - eps_low / A > 0 and r > 1 + eps_high (0-d tensors, no host sync).
 
 Values on tokens whose loss_mask is 0 (advantages, old_logp, weights) never reach the loss, NaN included.
 
@@ -54,6 +54,17 @@ tensors, and CPU tensors when TRITON_INTERPRET=1 is set at call time) or in thei
 ("torch": CPU otherwise). `backend="triton" | "torch"` overrides; `chunk_size=` sets the rows per chunk;
 `grad_weight_accum="fp32" | "weight"` how grad_W is accumulated across chunks (see the kernel file).
 Under torch.no_grad (e.g. validation loss) no gradient work is done.
+
+Host syncs. `compact=` chooses how the trained tokens are found:
+  "nonzero": one `nonzero` over the mask (one device->host sync per call) gathers the trained tokens, and the
+    LM-head GEMMs run on them only.
+  "mask": every token runs through the GEMMs in fixed-size chunks, untrained ones zeroed: no host sync in
+    forward or backward, but the LM-head work grows by T / (trained tokens) (prompt tokens are not free).
+    A trained target outside [0, vocab) gives a NaN loss and NaN gradients instead of an error.
+  "auto" (default): "nonzero" on CUDA and CPU, "mask" on other accelerators (Ascend NPU).
+On a device where bf16 operands cannot produce fp32 logits directly (no `torch.mm(..., out_dtype=float32)`),
+bf16 inputs on NPU use a bf16 GEMM (fp32 accumulation, logits rounded to bf16 once, as eager does) and on CPU
+fp32 operands; see `gemm_plan` in the kernel file.
 
 Tests: TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/test_linear_loss.py -q
 """
@@ -196,7 +207,7 @@ def _backend(hidden, backend):
     return "triton" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "torch"
 
 
-def _run(hidden, weight, targets, valid_T, terms, backend, chunk_size, temperature, grad_weight_accum):
+def _run(hidden, weight, targets, valid_T, terms, backend, chunk_size, temperature, grad_weight_accum, compact):
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"expected hidden [T, H] and weight [V, H], got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
@@ -205,7 +216,7 @@ def _run(hidden, weight, targets, valid_T, terms, backend, chunk_size, temperatu
     from ceiling_kernels.linear_loss import LinearLossFunction, linear_loss_forward
 
     opts = dict(chunk_size=chunk_size, temperature=temperature, elementwise=_backend(hidden, backend),
-                grad_weight_accum=grad_weight_accum)
+                grad_weight_accum=grad_weight_accum, compact=compact)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return LinearLossFunction.apply(hidden, weight, targets, valid_T, terms, opts)
     loss, logp, entropy, _, _ = linear_loss_forward(hidden, weight, targets, valid_T, terms, grad_hidden=False,
@@ -214,32 +225,35 @@ def _run(hidden, weight, targets, valid_T, terms, backend, chunk_size, temperatu
 
 
 def linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction="mean", temperature=1.0,
-                         backend=None, chunk_size=None, grad_weight_accum="fp32"):
+                         backend=None, chunk_size=None, grad_weight_accum="fp32", compact="auto"):
     """Cross-entropy of softmax(hidden_TH @ weight_VH.T / temperature) against labels_T (already shifted).
 
     reduction "mean": mean over tokens with label != ignore_index (0 when there are none); "sum": their sum.
-    A label outside [0, vocab) other than ignore_index is an error.
+    A label outside [0, vocab) other than ignore_index is an error (compact="mask": a NaN loss).
+    compact: "auto" | "nonzero" | "mask", how ignored tokens are skipped (module docstring, "Host syncs").
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     valid_T = labels != ignore_index
     loss, _, _ = _run(hidden, weight, labels, valid_T, _CrossEntropyTerms(valid_T, reduction), backend,
-                      chunk_size, temperature, grad_weight_accum)
+                      chunk_size, temperature, grad_weight_accum, compact)
     return loss
 
 
 def linear_policy_loss(hidden, weight, targets, *, advantages, loss_mask, old_logp=None, sft_weight=None,
                        pg_weight=None, off_policy=None, eps_low=0.2, eps_high=0.2, clip_ratio_c=None,
                        luffy_gamma=0.1, entropy_coef=0.0, normalizer=None, temperature=1.0, backend=None,
-                       chunk_size=None, grad_weight_accum="fp32") -> PolicyLossOutput:
+                       chunk_size=None, grad_weight_accum="fp32", compact="auto") -> PolicyLossOutput:
     """Per-token SFT / clipped-PG / LUFFY / entropy loss over packed tokens; see the module docstring.
 
     clip_ratio_c: the dual-clip bound (None: off; verl's default is 3, RETU's DAPO launcher sets 10).
     temperature: logits are divided by it for logp, entropy and the gradients (the sampling temperature).
+    compact: "auto" | "nonzero" | "mask", how tokens with loss_mask 0 are skipped: "mask" has no host sync
+    but runs the LM head on them too (module docstring, "Host syncs").
     """
     terms = _PolicyTerms(loss_mask, advantages, old_logp, sft_weight, pg_weight, off_policy, eps_low, eps_high,
                          clip_ratio_c, luffy_gamma, entropy_coef, normalizer)
     loss, logp, entropy = _run(hidden, weight, targets, terms.valid_T, terms, backend, chunk_size, temperature,
-                               grad_weight_accum)
+                               grad_weight_accum, compact)
     clip_low, clip_high = terms.clip_fractions(logp)
     return PolicyLossOutput(loss, logp, entropy, clip_low, clip_high)

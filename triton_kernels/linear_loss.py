@@ -17,11 +17,15 @@ e_t = dL/dentropy_t the caller supplies (`terms`, below):
 The gradients are computed during the forward pass: one pass serves every algorithm (SFT, GRPO, DAPO,
 LUFFY, SRFT, UPT differ only in c_t, e_t); the backward only scales them by grad_output.
 
-How, per chunk of C trained rows (rows with nothing to learn are never touched; their indices come from
-one `nonzero`, so every GEMM is sized to the trained tokens):
+How, per chunk of C rows. Which rows: compact="nonzero" (default on CUDA / CPU) lists the trained rows with
+one `nonzero` (one device->host sync), so every GEMM is sized to the trained tokens and ignored rows are never
+touched; compact="mask" (default elsewhere, e.g. Ascend NPU, where a host sync stalls the launch queue) walks
+all T rows in fixed-size chunks with ignored rows zeroed: no sync, but GEMM work for ignored tokens too
+(see `linear_loss_forward`).
 
   1. GEMM (cuBLAS): z_CV = h_C @ W^T with fp32 output (`torch.mm(..., out_dtype=float32)` on CUDA for
-     bf16 inputs: bf16 operands, fp32 accumulate and store, so logits are never rounded to bf16).
+     bf16 inputs: bf16 operands, fp32 accumulate and store, so logits are never rounded to bf16). Devices
+     without that: `gemm_plan` (bf16 output widened to fp32 on NPU, fp32 operands elsewhere).
   2. `_row_stats_kernel` (Triton, one program per row, online softmax over V tiles): lse, logp, entropy,
      Ez from z / tau in one read of z.
   3. `terms.token_grads` (torch on [C] vectors): c_t, e_t.
@@ -58,7 +62,8 @@ Shapes (suffix legend): T tokens, N trained tokens, H hidden, V vocab, C chunk r
 
 `terms` is any object with
   - `token_grads(idx_C, logp_C, entropy_C) -> (dlogp_C, dentropy_C or None)`: dL/dlogp and dL/dentropy for
-    the original token indices idx_C (fp32, already including loss mask and normalizer);
+    the original token indices idx_C, an int64 tensor (compact="nonzero") or a slice of rows (compact="mask")
+    (fp32, already including loss mask and normalizer);
   - `loss(logp_T, entropy_T) -> 0-d tensor`: the loss value from the per-token statistics;
   - `entropy_grad: bool`: whether dentropy can be non-zero (compiles the entropy gradient in).
 `engine/losses.py` builds these for cross-entropy and the policy losses.
@@ -199,48 +204,91 @@ ELEMENTWISE = {"triton": (row_stats_triton, grad_logits_triton), "torch": (row_s
 
 # ---------------------------------------------------------------------------------------------- GEMMs
 
-_OUT_DTYPE_OK: bool | None = None
+GEMM_MODES = ("auto", "fp32_out", "bf16_out", "upcast")
+# Device types whose bf16 torch.mm is used with bf16 output: Ascend NPU (torch_npu runs torch.mm as aclnnMm on
+# the Cube unit, which accumulates fp16 / bf16 products in fp32 and rounds the output once). Never run here:
+# no NPU in this project's CI; the choice itself is tested (tests/test_linear_loss_mask.py).
+_BF16_OUT_DEVICE_TYPES = ("npu",)
+_OUT_DTYPE_OK: dict[str, bool] = {}
 
 
 def _fp32_out_gemm_available(device: torch.device) -> bool:
-    """Whether torch.mm(bf16, bf16, out_dtype=float32) runs here (CUDA, torch >= 2.8)."""
-    global _OUT_DTYPE_OK
-    if device.type != "cuda":
-        return False
-    if _OUT_DTYPE_OK is None:
+    """Whether torch.mm(bf16, bf16, out_dtype=float32) runs on this device type (probed once per process).
+
+    CUDA: torch >= 2.8. Ascend: CANN's aclnnMm / aclnnAddmm accept bf16 operands with a fp32 output on Atlas
+    A2/A3 ("16in32out", cann/ops-nn PR 5481), but torch_npu does not document a route from torch.mm's
+    out_dtype to it, so the probe decides; CPU has no kernel for mm.dtype_out. The probe reads its result
+    once on the host (one sync per process and device type, never per step).
+    """
+    if device.type not in _OUT_DTYPE_OK:
         try:  # the exact calls _mm_acc / _addmm_acc make
             a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
             acc = torch.zeros(2, 2, dtype=torch.float32, device=device)
             torch.mm(a, a, out_dtype=torch.float32, out=acc)
             torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-            _OUT_DTYPE_OK = bool((acc == 4).all())
-        except (RuntimeError, TypeError):
-            _OUT_DTYPE_OK = False
-            warnings.warn("torch.mm(..., out_dtype=float32) is unavailable: the fused loss upcasts its GEMM "
-                          "operands to fp32 (correct, slower); use torch >= 2.8", stacklevel=3)
-    return _OUT_DTYPE_OK
+            _OUT_DTYPE_OK[device.type] = bool((acc == 4).all())
+        except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
+            _OUT_DTYPE_OK[device.type] = False
+            if device.type == "cuda":
+                warnings.warn("torch.mm(..., out_dtype=float32) is unavailable: the fused loss upcasts its GEMM "
+                              "operands to fp32 (correct, slower); use torch >= 2.8", stacklevel=3)
+    return _OUT_DTYPE_OK[device.type]
 
 
-def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """Operand dtype of the three GEMMs: bf16 where cuBLAS can write fp32 output from it; fp64 stays fp64
-    (a chunked float64 reference for the benchmarks); everything else runs in fp32."""
-    if dtype == torch.bfloat16 and _fp32_out_gemm_available(device):
-        return torch.bfloat16
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def choose_gemm(dtype: torch.dtype, device_type: str, fp32_out_ok: bool, gemm: str = "auto") -> str:
+    """How the three GEMMs run for operands of `dtype` ("fp32_out", "bf16_out" or "upcast"; see `gemm_plan`)."""
+    if gemm not in GEMM_MODES:
+        raise ValueError(f"gemm must be one of {GEMM_MODES}, got {gemm!r}")
+    if dtype != torch.bfloat16:
+        return "upcast"  # fp32 stays fp32, fp64 stays fp64 (the benchmarks' chunked reference), fp16 -> fp32
+    if gemm == "fp32_out" and not fp32_out_ok:
+        raise ValueError(f"gemm='fp32_out': torch.mm(bf16, bf16, out_dtype=float32) does not run on "
+                         f"{device_type}; use gemm='bf16_out' or 'upcast'")
+    if gemm != "auto":
+        return gemm
+    if fp32_out_ok:
+        return "fp32_out"
+    return "bf16_out" if device_type in _BF16_OUT_DEVICE_TYPES else "upcast"
 
 
-def _mm_acc(a, b, out):
-    """out = a @ b with out's (fp32 / fp64) accumulation and output dtype."""
+def gemm_plan(dtype: torch.dtype, device: torch.device, gemm: str = "auto") -> tuple[torch.dtype, bool]:
+    """(operand dtype of the three GEMMs, whether they write fp32 output directly).
+
+    "fp32_out": bf16 operands, fp32 accumulation and output (cuBLAS through `torch.mm(..., out_dtype=float32)`;
+      the logits are never rounded to bf16). Chosen by "auto" wherever the probe finds it (CUDA).
+    "bf16_out": bf16 operands, fp32 accumulation inside the backend, bf16 output widened to fp32: the logits
+      and grad_h rows are rounded to bf16 once (what eager `lm_head(h).float()` does), and with
+      grad_weight_accum="fp32" each chunk's grad_W goes through a [V, H] bf16 temporary before the fp32 sum.
+      Costs a [C, V] bf16 temporary for the logits. Chosen by "auto" on NPU without fp32 output: a plain
+      bf16 `torch.mm` (aclnnMm), no torch_npu import.
+      torch_npu's documented `npu_grouped_matmul` offers no fp32 output for bf16 operands either.
+    "upcast": operands cast to fp32 (the weight once per call, hidden per chunk); exact fp32 GEMMs, several
+      times slower than bf16 on tensor / Cube units. Chosen by "auto" everywhere else (CPU), and for every
+      non-bf16 input.
+    """
+    probe = dtype == torch.bfloat16 and gemm in ("auto", "fp32_out")
+    mode = choose_gemm(dtype, device.type, probe and _fp32_out_gemm_available(device), gemm)
+    if mode == "upcast":
+        return (torch.float64 if dtype == torch.float64 else torch.float32), True
+    return torch.bfloat16, mode == "fp32_out"
+
+
+def _mm_acc(a, b, out, fp32_out=True):
+    """out = a @ b with out's (fp32 / fp64) output dtype."""
     if a.dtype == out.dtype:
         return torch.mm(a, b, out=out)
-    return torch.mm(a, b, out_dtype=out.dtype, out=out)  # CUDA: bf16 operands, fp32 output
+    if fp32_out:
+        return torch.mm(a, b, out_dtype=out.dtype, out=out)  # CUDA: bf16 operands, fp32 output
+    return out.copy_(torch.mm(a, b))  # bf16 output (fp32 accumulation in the backend), widened
 
 
-def _addmm_acc(acc, a, b):
-    """acc += a @ b in cuBLAS's epilogue: acc is read and written once."""
+def _addmm_acc(acc, a, b, fp32_out=True):
+    """acc += a @ b; with fp32 output in the GEMM's epilogue (acc read and written once)."""
     if a.dtype == acc.dtype:
         return acc.addmm_(a, b)
-    return torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    if fp32_out:
+        return torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    return acc.add_(torch.mm(a, b))  # "bf16_out": a bf16 [V, H] temporary per chunk
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -252,14 +300,66 @@ def default_chunk_size(n_tokens: int, vocab: int, budget_bytes: int = 1 << 30) -
     return max(1, min(rows, n_tokens))
 
 
+COMPACT_MODES = ("auto", "nonzero", "mask")
+
+
+def resolve_compact(compact: str, device_type: str) -> str:
+    """"auto" -> "nonzero" on CUDA and CPU (a sync is cheap there and ignored rows cost nothing), "mask" on
+    every other accelerator (NPU: a host sync stalls the launch queue)."""
+    if compact not in COMPACT_MODES:
+        raise ValueError(f"compact must be one of {COMPACT_MODES}, got {compact!r}")
+    if compact != "auto":
+        return compact
+    return "nonzero" if device_type in ("cuda", "cpu") else "mask"
+
+
+def _trained_targets(targets_T, valid_T, V, dev):
+    """compact="nonzero": the trained rows idx_N (the one host sync) and their targets as int32, checked."""
+    idx_N = valid_T.nonzero()[:, 0]
+    tgt_N = targets_T[idx_N]
+    if idx_N.numel():
+        in_range = ((tgt_N >= 0) & (tgt_N < V)).all()
+        if dev.type == "cuda":
+            torch._assert_async(in_range, "linear loss: a trained target is outside [0, vocab)")
+        elif not bool(in_range):
+            bad = tgt_N[(tgt_N < 0) | (tgt_N >= V)][0].item()
+            raise ValueError(f"target {bad} of a trained token is outside [0, {V}) (vocab size)")
+    return idx_N, tgt_N.to(torch.int32)
+
+
+def _masked_targets(targets_T, valid_T, V, dev, fdt):
+    """compact="mask": targets safe to read for every row (0 on ignored or out-of-range rows) and a [T] poison,
+    NaN on trained rows whose target is outside [0, V), else 0. Raising would need the host; instead the
+    poison makes that token's logp, the loss and the gradients NaN (CUDA also raises asynchronously)."""
+    bad_T = valid_T & ((targets_T < 0) | (targets_T >= V))
+    if dev.type == "cuda":
+        torch._assert_async(~bad_T.any(), "linear loss: a trained target is outside [0, vocab)")
+    tgt_T = torch.where(valid_T & ~bad_T, targets_T, 0).to(torch.int32)
+    return tgt_T, torch.where(bad_T, torch.nan, 0.0).to(fdt)
+
+
 def linear_loss_forward(hidden_TH, weight_VH, targets_T, valid_T, terms, *, grad_hidden=True, grad_weight=True,
                         chunk_size=None, temperature=1.0, elementwise="triton", grad_weight_accum="fp32",
-                        block_v=None):
+                        block_v=None, compact="auto", gemm="auto"):
     """Run the fused pass. Returns (loss, logp_T, entropy_T, grad_h or None, grad_w or None).
 
     logp_T / entropy_T are fp32 (fp64 for fp64 inputs) of softmax(z / temperature), 0 where `valid_T` is False.
     The gradients are those of `loss` (grad_output 1): grad_h fp32 [T, H]; grad_w fp32 [V, H] (bf16 with
-    grad_weight_accum="weight" on the CUDA bf16 path). One host sync: the nonzero() listing the trained rows.
+    grad_weight_accum="weight" on a bf16 GEMM path).
+
+    compact: how the rows to train are found.
+      "nonzero": one `valid_T.nonzero()` (a device->host sync) lists the trained rows; chunks hold trained rows
+        only, so every GEMM is sized to the N trained tokens. A trained target outside [0, V) raises
+        ValueError (CPU) or a device-side assert (CUDA).
+      "mask": all T rows in chunks of fixed size (every shape follows from T), no nonzero / item / boolean
+        indexing in forward or backward. An ignored row's hidden state is zeroed before its GEMM and its
+        dlogp / dentropy are 0, so its G row, grad_h row and grad_W share are exactly 0; its logp and entropy
+        are 0 as on the nonzero path. Cost: the GEMMs and row kernels run on ignored rows too, T / N times the
+        nonzero path's work (RL prompt tokens are not free: 25% prompt tokens -> 1.33x the LM-head FLOP),
+        plus one [C, H] select per chunk. A trained target outside [0, V) makes its logp, the loss and the
+        gradients NaN (and raises asynchronously on CUDA) instead of raising on the host.
+      "auto": `resolve_compact` ("nonzero" on CUDA / CPU, "mask" elsewhere, e.g. NPU).
+    gemm: "auto" | "fp32_out" | "bf16_out" | "upcast", how bf16 operands are multiplied (see `gemm_plan`).
     """
     if hidden_TH.dtype != weight_VH.dtype:
         raise TypeError(f"hidden ({hidden_TH.dtype}) and weight ({weight_VH.dtype}) must share a dtype")
@@ -272,22 +372,18 @@ def linear_loss_forward(hidden_TH, weight_VH, targets_T, valid_T, terms, *, grad
     V = weight_VH.shape[0]
     dev = hidden_TH.device
     inv_t = 1.0 / float(temperature)
-    valid_T = valid_T.to(torch.bool)
-    idx_N = valid_T.nonzero()[:, 0]
-    N = idx_N.numel()
-    tgt_N = targets_T[idx_N]
-    if N:
-        in_range = ((tgt_N >= 0) & (tgt_N < V)).all()
-        if dev.type == "cuda":
-            torch._assert_async(in_range, "linear loss: a trained target is outside [0, vocab)")
-        elif not bool(in_range):
-            bad = tgt_N[(tgt_N < 0) | (tgt_N >= V)][0].item()
-            raise ValueError(f"target {bad} of a trained token is outside [0, {V}) (vocab size)")
-    tgt_N = tgt_N.to(torch.int32)
-
-    gdt = gemm_dtype(hidden_TH.dtype, dev)
+    masked = resolve_compact(compact, dev.type) == "mask"
+    gdt, fp32_out = gemm_plan(hidden_TH.dtype, dev, gemm)
     fdt = torch.float64 if gdt == torch.float64 else torch.float32  # logits, statistics, accumulators
-    w = weight_VH.to(gdt)  # no copy when the dtypes agree (the CUDA bf16 path)
+    valid_T = valid_T.to(torch.bool)
+    if masked:
+        tgt_T, poison_T = _masked_targets(targets_T, valid_T, V, dev, fdt)
+        n_rows = T
+    else:
+        idx_N, tgt_N = _trained_targets(targets_T, valid_T, V, dev)
+        n_rows = idx_N.numel()
+
+    w = weight_VH.to(gdt)  # no copy when the dtypes agree (the bf16 GEMM paths)
     logp_T = torch.zeros(T, dtype=fdt, device=dev)
     entropy_T = torch.zeros(T, dtype=fdt, device=dev)
     need_grad = grad_hidden or grad_weight
@@ -295,28 +391,42 @@ def linear_loss_forward(hidden_TH, weight_VH, targets_T, valid_T, terms, *, grad
     acc_dtype = gdt if (grad_weight_accum == "weight" and gdt == torch.bfloat16) else fdt
     grad_w = torch.zeros((V, H), dtype=acc_dtype, device=dev) if grad_weight else None
 
-    C = max(1, min(chunk_size or default_chunk_size(N, V), max(N, 1)))
-    z_buf = torch.empty((C, V), dtype=fdt, device=dev) if N else None
-    for start in range(0, N, C):
-        idx = idx_N[start:start + C]
-        n = idx.numel()
-        h_C = hidden_TH.index_select(0, idx).to(gdt)
-        z = _mm_acc(h_C, w.T, z_buf[:n])
-        tgt = tgt_N[start:start + n]
+    C = max(1, min(chunk_size or default_chunk_size(n_rows, V), max(n_rows, 1)))
+    z_buf = torch.empty((C, V), dtype=fdt, device=dev) if n_rows else None
+    for start in range(0, n_rows, C):
+        if masked:  # rows [start, stop): a view; ignored rows enter the GEMM as zeros
+            rows = slice(start, min(start + C, T))
+            keep = valid_T[rows]
+            tgt = tgt_T[rows]
+            h_C = torch.where(keep[:, None], hidden_TH[rows], 0).to(gdt)
+        else:  # trained rows only, gathered
+            rows = idx_N[start:start + C]
+            tgt = tgt_N[start:start + C]
+            h_C = hidden_TH.index_select(0, rows).to(gdt)
+        n = h_C.shape[0]
+        z = _mm_acc(h_C, w.T, z_buf[:n], fp32_out)
         lse, logp, ent, ez = stats_fn(z, tgt, inv_t, block_v)
-        logp_T[idx] = logp
-        entropy_T[idx] = ent
+        if masked:
+            logp = torch.where(keep, logp + poison_T[rows], 0)
+            ent = torch.where(keep, ent, 0)
+        logp_T[rows] = logp
+        entropy_T[rows] = ent
         if not need_grad:
             continue
-        c, e = terms.token_grads(idx, logp, ent)
+        c, e = terms.token_grads(rows, logp, ent)
+        if masked:  # exactly 0 on ignored rows, NaN on a trained row with an out-of-range target
+            c = torch.where(keep, c + poison_T[rows], 0)
+            e = None if e is None else torch.where(keep, e, 0)
         c = c.to(fdt).contiguous()
         e = None if e is None else e.to(fdt).contiguous()
         g = z if gdt == fdt else z.view(gdt)[:, :V]  # in place: G overwrites the logits
         grad_fn(z, g, tgt, lse, ez, c, e, inv_t, block_v)
-        if grad_hidden:
-            grad_h.index_copy_(0, idx, _mm_acc(g, w, torch.empty((n, H), dtype=fdt, device=dev)))
+        if grad_hidden and masked:
+            _mm_acc(g, w, grad_h[rows], fp32_out)
+        elif grad_hidden:
+            grad_h.index_copy_(0, rows, _mm_acc(g, w, torch.empty((n, H), dtype=fdt, device=dev), fp32_out))
         if grad_weight:
-            _addmm_acc(grad_w, g.T, h_C)
+            _addmm_acc(grad_w, g.T, h_C, fp32_out)
     loss = terms.loss(logp_T, entropy_T)
     return loss, logp_T, entropy_T, grad_h, grad_w
 
