@@ -244,8 +244,10 @@ class ModelConfig:
     """'char' (the built-in character tokenizer) or a local tokenizer dir; default: model.path."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Compute dtype; auto = bf16 on GPU/NPU, fp32 on CPU. Master weights stay fp32."""
-    attention: Literal["auto", "varlen", "flash_attn", "sdpa"] = "auto"
-    """Packed attention backend (engine/models/attention.py)."""
+    attention: Literal["auto", "varlen", "flash_attn", "npu_fusion", "sdpa"] = "auto"
+    """Packed attention backend (engine/models/attention.py): varlen / flash_attn on CUDA, npu_fusion
+    (torch_npu.npu_fusion_attention, Ascend; building the model without torch_npu is an error), sdpa anywhere;
+    auto picks by device."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in backward."""
 
@@ -272,6 +274,9 @@ class DataConfig:
     """Longest sample in tokens."""
     overlong: Literal["truncate", "drop"] = "truncate"
     """Longer samples: cut the response tail, or drop; either way counted and logged."""
+    tokenize_workers: int = 1
+    """Processes per rank that tokenize contiguous row shards when the token store is first built (every rank
+    takes part); the store is the same byte for byte for any count."""
 
     def __post_init__(self):
         if self.synthetic is not None and self.train_path is not None:
@@ -285,3 +290,5 @@ class DataConfig:
             raise ValueError(f"data.max_seq_len must be >= 2, got {self.max_seq_len}")
         if self.overlong not in ("truncate", "drop"):
             raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {self.overlong!r}")
+        if self.tokenize_workers < 1:
+            raise ValueError(f"data.tokenize_workers must be >= 1, got {self.tokenize_workers}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -105,6 +106,11 @@ class FSDPConfig:
     activation_checkpointing_every: int = 1
     """With model.activation_checkpointing: recompute every k-th decoder layer only (1 = every layer; k = 2
     recomputes half of them, trading memory for ~1/(3k) less recompute)."""
+    activation_checkpointing_mode: Literal["full", "selective_op"] = "full"
+    """With model.activation_checkpointing, what a checkpointed layer recomputes in backward: full = its whole
+    forward (saves only its input); selective_op = only the cheap ops (norms, activations, RoPE, residual adds),
+    while the outputs of matmuls and attention are saved (SAVED_OPS): no matmul is recomputed, and the memory
+    kept is those outputs instead of every intermediate."""
     reduce_scatter_every_micro_batch: bool = False
     """Reduce-scatter gradients after every micro-batch, so each rank only ever holds sharded gradients;
     False accumulates full unsharded fp32 gradients over the micro-batches and reduces once per step (less
@@ -114,11 +120,51 @@ class FSDPConfig:
         if self.activation_checkpointing_every < 1:
             raise ValueError(f"fsdp.activation_checkpointing_every must be >= 1, got "
                              f"{self.activation_checkpointing_every}")
+        if self.activation_checkpointing_mode not in ("full", "selective_op"):
+            raise ValueError(f"fsdp.activation_checkpointing_mode must be 'full' or 'selective_op', got "
+                             f"{self.activation_checkpointing_mode!r}")
+
+
+# Ops whose outputs selective_op checkpointing keeps (compute-bound: recomputing them costs a matmul or an attention
+# pass; communication is never redone); every other op in a checkpointed layer is recomputed. Ops this build of
+# torch (or torch_npu, flash_attn) does not have are skipped.
+SAVED_OPS = (
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm",
+    "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_fused_attention_overrideable", "aten::_flash_attention_forward",
+    "aten::_efficient_attention_forward", "flash_attn::_flash_attn_varlen_forward", "npu::npu_fusion_attention",
+    "_c10d_functional::reduce_scatter_tensor",
+)
+
+
+def saved_ops() -> set:
+    ops = set()
+    for qualified in SAVED_OPS:
+        namespace, name = qualified.split("::")
+        try:
+            ops.add(getattr(getattr(torch.ops, namespace), name).default)
+        except (AttributeError, RuntimeError):  # not registered in this process
+            continue
+    return ops
+
+
+def selective_op_context():
+    """`context_fn` for torch.utils.checkpoint: save the outputs of `saved_ops()`, recompute everything else."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    save = saved_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 def apply_fsdp(model: nn.Module, layers: nn.ModuleList, *, param_dtype: torch.dtype, device: torch.device,
                activation_checkpointing: bool = False, cfg: FSDPConfig | None = None) -> nn.Module:
-    """FSDP2: activation checkpointing (optional, every k-th layer), then fully_shard per decoder layer, then the root.
+    """FSDP2: activation checkpointing (optional: every k-th layer, full or selective per op), then fully_shard per
+    decoder layer, then the root.
 
     Parameters stay fp32 (the optimizer's master copy); FSDP casts them to `param_dtype` for compute
     and reduces gradients in fp32. The root is not resharded after forward: backward needs it at once.
@@ -131,9 +177,10 @@ def apply_fsdp(model: nn.Module, layers: nn.ModuleList, *, param_dtype: torch.dt
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+        extra = {"context_fn": selective_op_context} if cfg.activation_checkpointing_mode == "selective_op" else {}
         for i, layer in enumerate(layers):
             if i % cfg.activation_checkpointing_every == 0:
-                layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+                layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False, **extra)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     if not any(p.is_meta for p in model.parameters()):
         model.to(device)

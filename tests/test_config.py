@@ -107,12 +107,13 @@ def test_shipped_configs_load():
     from pathlib import Path
 
     from engine.pipeline import RunJobConfig
+    from engine.pretrain import PretrainJobConfig
     from engine.rl.config import RLJobConfig
     from engine.sft.trainer import SFTJobConfig
     from engine.sweep import SweepJobConfig
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    kinds = {"sft": SFTJobConfig, "rl": RLJobConfig, "sweep": SweepJobConfig}
+    kinds = {"sft": SFTJobConfig, "rl": RLJobConfig, "sweep": SweepJobConfig, "pretrain": PretrainJobConfig}
     paths = sorted(root.glob("*.yaml"))
     assert root / "tiny.yaml" in paths and root / "sft-tiny.yaml" in paths and root / "rl-tiny.yaml" in paths
     for path in paths:

@@ -2,12 +2,10 @@
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from engine.data import token_store
 from engine.data.packing import collate_packed
@@ -91,24 +89,3 @@ def test_memory_per_sample_is_constant(tmp_path):
     resident = store.offsets_N1.nbytes + store.lengths_N.nbytes + store.loss_tokens_N.nbytes
     assert resident == 16 * len(samples) + 8
     assert store.meta["num_tokens"] == sum(len(s[0]) for s in samples)
-
-
-def _two_rank_worker(rank, port, task, root, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        store = open_token_store([task], build_char_tokenizer(), 128, "truncate", root, progress=False)
-        out[rank] = (str(store.path), store.lengths_N.tolist())
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_two_ranks_share_one_build(task, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_two_rank_worker, args=(port, task, tmp_path, out), nprocs=2)
-    assert out[0] == out[1]
-    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1

@@ -1,7 +1,7 @@
 """Token store: SFT data tokenized once into flat files, shared by every rank and every later run.
 
     store = open_token_store([train_path], tokenizer, max_seq_len=4096, overlong="truncate",
-                             root="runs/token_store")   # rank 0 tokenizes (with progress), others wait
+                             root="runs/token_store", workers=4)   # every rank tokenizes a shard, with 4 processes
     store.lengths_N          int32 length of every sample: all the packer needs
     store.loss_tokens_N      int32 loss targets of every sample (sum of loss_mask[1:])
     store.sample(i)          (input_ids int32[n], loss_mask uint8[n]) read from disk
@@ -19,9 +19,17 @@ crash mid-build leaves nothing that looks finished):
 (its backend JSON, chat template, end-of-turn id), `max_seq_len` and `overlong`. Editing the data or
 switching tokenizer gives a new key, hence a fresh store; anything else reuses the old one.
 
+Building (engine/data/token_store_build.py): the rows are cut into `world_size x workers` contiguous shards
+of about equal bytes (engine/data/row_shards.py). Each shard is tokenized into its own arrays under `<key>.shards/`, streaming
+(one chunk of rows in memory), then rank 0 concatenates them with the offsets rebased. Samples keep file
+and row order, so the store is byte-identical to a one-process build, and shares its key. A bad row
+fails the build with its file:line on every rank: the failing shard writes its error where the others
+look between chunks and while waiting.
+
 Memory: samples are read with `os.preadv` into small buffers, never mapped, so a rank's resident memory
 does not grow as training walks the dataset (the OS page cache keeps hot data, shared by all ranks). Per
-sample, 16 bytes stay resident (offsets, lengths, loss counts): 14 MB for 889K rows.
+sample, 16 bytes stay resident (offsets, lengths, loss counts): 14 MB for 889K rows. Opening a store reads
+mask.u8 once, LOSS_COUNT_TOKENS bytes at a time, to count loss tokens.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,15 +48,26 @@ import torch
 import torch.distributed as dist
 
 from engine.data.packing import IGNORE_INDEX, PackedBatch
-from engine.data.sft_dataset import DatasetStats, iter_sft_rows, iter_tokenized, report_stats
+from engine.data.row_shards import Piece, plan_shards
+from engine.data.sft_dataset import DatasetStats
+from engine.data.token_store_build import (  # noqa: F401  (write_token_store: re-exported for callers)
+    FILES,
+    FORMAT_VERSION,
+    BuildFailed,
+    abort_message,
+    assemble,
+    build_token_store,
+    run_shards,
+    store_meta,
+    write_token_store,
+)
 from engine.data.tokenizer import end_of_turn_id
 from engine.errors import DataError
 
 log = logging.getLogger("ceiling")
 
-FORMAT_VERSION = 1
-FILES = {"tokens": ("tokens.i32", np.int32), "mask": ("mask.u8", np.uint8), "offsets": ("offsets.i64", np.int64)}
 WAIT_LOG_S = 60.0  # how often a waiting rank says it is still waiting
+LOSS_COUNT_TOKENS = 1 << 22  # mask bytes read at a time when counting loss tokens (x9 transient: int64 sums)
 
 
 # ---------------------------------------------------------------- the key
@@ -86,90 +105,6 @@ def store_key(paths: Sequence[str | Path], tokenizer, max_seq_len: int, overlong
     return h.hexdigest()[:24]
 
 
-# ---------------------------------------------------------------- writing
-
-
-def write_token_store(
-    out_dir: str | Path, samples: Iterable[tuple[Sequence[int], Sequence[int]]], meta: dict | None = None
-) -> Path:
-    """Write (input_ids, loss_mask) pairs as a store at `out_dir` (atomically: built beside it, then renamed).
-
-    Streams: memory stays one sample plus the offsets, however many samples there are.
-    """
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        offsets = _write_arrays(tmp, samples)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if len(offsets) == 1:
-        shutil.rmtree(tmp)
-        raise DataError(f"{out_dir}: no samples to store")
-    np.asarray(offsets, dtype=np.int64).tofile(tmp / FILES["offsets"][0])
-    (tmp / "meta.json").write_text(json.dumps({"format": FORMAT_VERSION, "num_samples": len(offsets) - 1,
-                                               "num_tokens": offsets[-1], **(meta or {})}, indent=1))
-    try:
-        os.replace(tmp, out_dir)
-    except OSError:  # another process finished the same store first: keep theirs
-        if not (out_dir / "meta.json").is_file():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
-
-def _write_arrays(tmp: Path, samples) -> list[int]:
-    offsets = [0]
-    with open(tmp / FILES["tokens"][0], "wb") as ft, open(tmp / FILES["mask"][0], "wb") as fm:
-        for i, (ids, mask) in enumerate(samples):
-            ids_a, mask_a = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.int64)
-            if ids_a.ndim != 1 or ids_a.size == 0 or ids_a.shape != mask_a.shape:
-                raise DataError(f"sample {i}: input_ids and loss_mask must be equal-length non-empty lists")
-            if ids_a.min() < 0 or ids_a.max() > np.iinfo(np.int32).max:
-                raise DataError(f"sample {i}: token ids must fit in int32")
-            ft.write(ids_a.astype(np.int32).tobytes())
-            fm.write((mask_a != 0).astype(np.uint8).tobytes())
-            offsets.append(offsets[-1] + ids_a.size)
-    return offsets
-
-
-def _tokenized_samples(paths, tokenizer, max_seq_len: int, overlong: str, stats: DatasetStats, progress: bool):
-    """Stream (ids, mask) from every file, merging per-file stats into `stats` and reporting each file."""
-    from tqdm import tqdm
-
-    for path in paths:
-        file_stats = DatasetStats()
-        with tqdm(desc=f"tokenize {Path(path).name}", unit=" rows", disable=not progress, mininterval=5) as bar:
-            for chunk, chunk_stats in iter_tokenized(iter_sft_rows(path), tokenizer, max_seq_len, overlong):
-                file_stats.merge(chunk_stats)
-                bar.update(chunk_stats.num_rows)
-                bar.set_postfix(tokens=f"{file_stats.num_tokens:.3g}")
-                for s in chunk:
-                    yield s.input_ids, s.loss_mask
-        report_stats(path, file_stats, max_seq_len, overlong)
-        stats.merge(file_stats)
-
-
-def build_token_store(paths: Sequence[str | Path], tokenizer, max_seq_len: int, overlong: str, out_dir: str | Path,
-                      progress: bool = True) -> Path:
-    """Tokenize `paths` with the chat template (engine.data.sft_dataset) into a store at `out_dir`."""
-    stats = DatasetStats()
-    t0 = time.perf_counter()
-    samples = _tokenized_samples(paths, tokenizer, max_seq_len, overlong, stats, progress)
-    meta = {"sources": [str(p) for p in paths], "max_seq_len": max_seq_len, "overlong": overlong}
-    out = write_token_store(out_dir, samples, meta)
-    seconds = time.perf_counter() - t0
-    meta_file = out / "meta.json"
-    full = json.loads(meta_file.read_text())
-    full.update(stats=stats.__dict__, num_rows=stats.num_rows, build_seconds=seconds)
-    meta_file.write_text(json.dumps(full, indent=1))
-    log.info("token store %s: %d samples, %d tokens in %.1fs (%.3g tokens/s)", out, stats.num_samples,
-             stats.num_tokens, seconds, stats.num_tokens / max(seconds, 1e-9))
-    return out
-
-
 # ---------------------------------------------------------------- reading
 
 
@@ -200,25 +135,31 @@ class TokenStore:
         self.loss_tokens_N = self._loss_counts()
 
     def _loss_counts(self) -> np.ndarray:
-        """Per-sample loss targets (mask[1:] summed), in one streaming pass over mask.u8."""
+        """Per-sample loss targets (mask[1:] summed), in one streaming pass over mask.u8.
+
+        Reads at most LOSS_COUNT_TOKENS mask bytes at a time (or one sample, if longer), so opening a store
+        costs a fixed ~40 MB (the bytes and their int64 sums) however large it is. Reading the whole mask at
+        once cost 25 bytes per token: a 1.4 GiB peak at 61M tokens, ~5.7 GB per rank per 65K samples.
+        """
         out = np.empty(len(self), dtype=np.int32)
-        step = 1 << 16
-        for lo in range(0, len(self), step):
-            hi = min(lo + step, len(self))
-            start, end = int(self.offsets_N1[lo]), int(self.offsets_N1[hi])
-            mask = self._read(self._fd_mask, np.uint8, start, end).astype(np.int64)
-            csum = np.concatenate([[0], np.cumsum(mask)])
-            starts, ends = self.offsets_N1[lo:hi] - start, self.offsets_N1[lo + 1:hi + 1] - start
-            out[lo:hi] = csum[ends] - csum[starts + 1]  # excludes each sample's first token
+        offsets, lo = self.offsets_N1, 0
+        while lo < len(self):
+            hi = int(np.searchsorted(offsets, offsets[lo] + LOSS_COUNT_TOKENS, side="right")) - 1
+            hi = min(max(hi, lo + 1), len(self))
+            start = int(offsets[lo])
+            mask = self._read(self._fd_mask, np.uint8, start, int(offsets[hi]))
+            starts = offsets[lo:hi] - start  # strictly increasing: every sample has a token
+            out[lo:hi] = np.add.reduceat(mask, starts, dtype=np.int64) - mask[starts]  # drop each first token
+            lo = hi
         return out
 
     def __len__(self) -> int:
         return len(self.lengths_N)
 
-    def __del__(self):
+    def __del__(self, _close=os.close):  # os.close bound now: at interpreter exit the module global may be gone
         for fd in (getattr(self, "_fd_tokens", None), getattr(self, "_fd_mask", None)):
             if fd is not None:
-                os.close(fd)
+                _close(fd)
 
     @staticmethod
     def _read(fd: int, dtype, start: int, end: int) -> np.ndarray:
@@ -266,49 +207,107 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def _broadcast(value):
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _world() > 1:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
     return value
 
 
-def open_token_store(paths: Sequence[str | Path], tokenizer, max_seq_len: int, overlong: str, root: str | Path,
-                     progress: bool = True, wait_timeout_s: float = 7 * 24 * 3600) -> TokenStore:
-    """The store of `paths` under `root`, built by rank 0 if missing; every rank returns a reader.
+def _wait_for(ready, failed: Path, what: str, wait_timeout_s: float) -> None:
+    """Poll the file system until `ready()` (not a collective: a build may outlast the process-group timeout)."""
+    t0 = last = time.monotonic()
+    while not ready():
+        if (message := abort_message((str(failed), str(failed.with_suffix(".shards"))))) is not None:
+            raise BuildFailed(message)
+        if time.monotonic() - t0 > wait_timeout_s:
+            raise DataError(f"timed out after {wait_timeout_s:.0f}s waiting for {what}")
+        if time.monotonic() - last > WAIT_LOG_S:
+            log.info("rank %d: waiting for %s", _rank(), what)
+            last = time.monotonic()
+        time.sleep(0.5)
 
-    Ranks other than 0 wait for the store directory by polling the file system (not a collective, so a
-    tokenization longer than the process-group timeout is fine); a failed build leaves `<key>.failed`
-    holding the error, which the waiting ranks raise.
+
+def _error_text(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
+
+
+def _build_by_ranks(paths, shards: list[list[Piece]], tokenizer, max_seq_len: int, overlong: str, out: Path,
+                    workers: int, progress: bool, wait_timeout_s: float) -> None:
+    """Every rank tokenizes `workers` consecutive shards into `<key>.shards/`; rank 0 then assembles the store.
+
+    A rank whose shard fails writes its error to `<key>.shards/rank<r>.failed` (rank 0: `<key>.failed`);
+    every other rank stops at its next chunk (or while waiting) and raises the same message.
     """
+    rank, world = _rank(), _world()
+    failed, work = out.with_name(f"{out.name}.failed"), out.with_name(f"{out.name}.shards")
+    t0 = time.perf_counter()
+    try:
+        run_shards(work, shards, range(rank * workers, (rank + 1) * workers), workers, len(paths), tokenizer,
+                    max_seq_len, overlong, progress, abort=(str(failed), str(work)))
+        (work / f"rank{rank}.done").touch()
+        if rank == 0:
+            _wait_for(lambda: all((work / f"rank{r}.done").is_file() for r in range(world)), failed,
+                      "every rank's token store shards", wait_timeout_s)
+            assemble(work, len(shards), paths, out, store_meta(paths, max_seq_len, overlong), max_seq_len, overlong, t0)
+            shutil.rmtree(work, ignore_errors=True)
+    except BaseException as exc:
+        if failed.is_file() and not isinstance(exc, BuildFailed):  # rank 0 failed and removed our shard dir
+            raise BuildFailed(failed.read_text()) from exc
+        message = exc.message if isinstance(exc, BuildFailed) else _error_text(exc)
+        if rank == 0:
+            failed.write_text(message)  # first: the other ranks stop on it before the shards go
+            shutil.rmtree(work, ignore_errors=True)
+        elif not failed.is_file():
+            (work / f"rank{rank}.failed").write_text(message)
+        raise
+
+
+def open_token_store(paths: Sequence[str | Path], tokenizer, max_seq_len: int, overlong: str, root: str | Path,
+                     progress: bool = True, workers: int = 1, wait_timeout_s: float = 7 * 24 * 3600) -> TokenStore:
+    """The store of `paths` under `root`, built on first use; every rank returns a reader.
+
+    Building: rank 0 cuts the rows into `world_size x workers` contiguous shards; each rank tokenizes its
+    `workers` shards (in a pool of that many processes when > 1) and rank 0 concatenates them into the
+    store, which is the same byte for byte whatever the shard count. Ranks wait by polling the file
+    system (not a collective, so a build longer than the process-group timeout is fine). A failed build
+    leaves `<key>.failed` holding the error (file:line for a bad row), which every rank raises.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     root = Path(root)
-    key = None
+    key, shards, error = None, None, None
     if _rank() == 0:
-        key = store_key(paths, tokenizer, max_seq_len, overlong)
-        (root / f"{key}.failed").unlink(missing_ok=True)  # before the others can look for it
-    key = _broadcast(key)
+        try:  # a missing or unreadable file: every rank raises it, none waits at the broadcast
+            key = store_key(paths, tokenizer, max_seq_len, overlong)
+            root.mkdir(parents=True, exist_ok=True)
+            (root / f"{key}.failed").unlink(missing_ok=True)  # before the others can look for it
+            shutil.rmtree(root / f"{key}.shards", ignore_errors=True)  # a crashed build's leftovers
+            if _world() > 1 and not (root / key / "meta.json").is_file():
+                shards = plan_shards(list(paths), _world() * workers)
+        except DataError as exc:
+            error = str(exc)
+    key, shards, error = _broadcast((key, shards, error))
+    if error is not None:
+        raise DataError(error)
     out, failed = root / key, root / f"{key}.failed"
-    if _rank() == 0:
-        if not (out / "meta.json").is_file():
-            log.info("tokenizing %s into token store %s", ", ".join(map(str, paths)), out)
-            try:
-                build_token_store(paths, tokenizer, max_seq_len, overlong, out, progress=progress)
-            except BaseException as exc:
-                root.mkdir(parents=True, exist_ok=True)
-                failed.write_text(f"{type(exc).__name__}: {exc}")
-                raise
-        else:
-            log.info("reusing token store %s", out)
+    if shards is not None:  # decided by rank 0 alone, so every rank takes part or none does
+        log.info("tokenizing %s into token store %s (%d shards)", ", ".join(map(str, paths)), out, len(shards))
+        _build_by_ranks(paths, shards, tokenizer, max_seq_len, overlong, out, workers, progress, wait_timeout_s)
+        if _rank() != 0:
+            _wait_for((out / "meta.json").is_file, failed, f"rank 0 to assemble token store {out}", wait_timeout_s)
+    elif (out / "meta.json").is_file():
+        log.info("reusing token store %s", out)
     else:
-        t0 = last = time.monotonic()
-        while not (out / "meta.json").is_file():
-            if failed.is_file():
-                raise DataError(f"rank 0 failed to build token store {out}: {failed.read_text()}")
-            if time.monotonic() - t0 > wait_timeout_s:
-                raise DataError(f"timed out after {wait_timeout_s:.0f}s waiting for rank 0 to build {out}")
-            if time.monotonic() - last > WAIT_LOG_S:
-                log.info("rank %d: waiting for rank 0 to build token store %s", _rank(), out)
-                last = time.monotonic()
-            time.sleep(0.5)
+        log.info("tokenizing %s into token store %s (%d workers)", ", ".join(map(str, paths)), out, workers)
+        try:
+            build_token_store(paths, tokenizer, max_seq_len, overlong, out, progress=progress, workers=workers)
+        except BaseException as exc:
+            failed.write_text(_error_text(exc))
+            raise
     return TokenStore(out)

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from engine.errors import CeilingError
+
 log = logging.getLogger("ceiling")
 
 PACKED_ATTENTION = "ceiling_packed"
@@ -37,6 +39,12 @@ _backend = "auto"
 def set_attention_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r} is not one of {BACKENDS}")
+    if name == "npu_fusion":
+        try:
+            import torch_npu  # noqa: F401
+        except ImportError as exc:
+            raise CeilingError("model.attention='npu_fusion' needs torch_npu (Ascend NPUs), which is not "
+                               f"installed here ({exc}); use 'auto' or 'sdpa'") from exc
     global _backend
     _backend = name
 

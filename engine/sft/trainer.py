@@ -135,8 +135,10 @@ def load_data(job: SFTJobConfig, tokenizer, run_dir: Path, info: DistInfo
         train_path, val_path = str(out / "train.jsonl"), str(out / "val.jsonl")
     root = Path(job.sft.token_store_dir or Path(job.run.output_dir) / "token_store")
     progress = info.is_main and job.run.progress
-    train = open_token_store([train_path], tokenizer, data.max_seq_len, data.overlong, root, progress)
-    val = open_token_store([val_path], tokenizer, data.max_seq_len, data.overlong, root, progress) if val_path else None
+    store = partial(open_token_store, tokenizer=tokenizer, max_seq_len=data.max_seq_len, overlong=data.overlong,
+                    root=root, progress=progress, workers=data.tokenize_workers)
+    train = store([train_path])
+    val = store([val_path]) if val_path else None
     return train, val, train.stats
 
 

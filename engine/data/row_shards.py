@@ -1,0 +1,174 @@
+"""Contiguous row shards of SFT files, so several processes can tokenize one dataset in parallel.
+
+    shards = plan_shards([a_jsonl, b_parquet], 4)     # 4 lists of Pieces, in file and row order
+    for where, row in iter_piece_rows(piece): ...     # same (location, row) as sft_dataset.iter_raw_rows
+
+The files are laid end to end and cut into `n` runs of about equal bytes (JSONL: file bytes; Parquet: the
+row groups' uncompressed bytes). A cut moves forward to the next line start (JSONL) or row-group start
+(Parquet), so every row lands in exactly one shard, and reading shard 0, 1, ... in order gives the rows of
+`iter_raw_rows` over the files in order, with the same locations (1-based line, 0-based Parquet row) and
+the same error messages. A shard may be empty (a cut inside a long line or a large row group).
+
+Planning reads each JSONL file once to count lines up to the cuts (at disk speed; no JSON is parsed).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.data.sft_dataset import CHUNK_ROWS, _Where
+from engine.errors import DataError
+
+SCAN_BLOCK = 1 << 24  # bytes read at a time when counting lines
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows [start, end) of one file: byte offsets (JSONL) or row-group indices (Parquet)."""
+
+    file_index: int
+    path: str
+    start: int
+    end: int
+    first_row: int
+    """Location of the first row: its 1-based line (JSONL) or 0-based row index (Parquet)."""
+
+    @property
+    def parquet(self) -> bool:
+        return self.path.endswith(".parquet")
+
+
+def _parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a bad file
+        raise DataError(f"{path}: not a readable Parquet file: {exc}") from exc
+
+
+def _row_groups(path: Path) -> list[tuple[int, int]]:
+    """(cumulative weight, first row) at the start of each row group, and once more at the end."""
+    meta, out, weight, row = _parquet(path).metadata, [], 0, 0
+    for g in range(meta.num_row_groups):
+        out.append((weight, row))
+        weight += max(meta.row_group(g).total_byte_size, 1)
+        row += meta.row_group(g).num_rows
+    return out + [(weight, row)]
+
+
+def _jsonl_line_starts(path: Path, cuts: list[int]) -> list[tuple[int, int]]:
+    """(byte offset, line number) of the first line starting at or after each cut (sorted, all > 0)."""
+    out, i = [], 0
+    with path.open("rb") as f:
+        base, lines = 0, 0  # bytes and newlines before the current block
+        while i < len(cuts) and (block := f.read(SCAN_BLOCK)):
+            while i < len(cuts):
+                rel = max(cuts[i] - 1 - base, 0)  # the newline ending the line that holds byte cut-1
+                nl = block.find(b"\n", rel) if rel < len(block) else -1
+                if nl < 0:
+                    break
+                out.append((base + nl + 1, 1 + lines + block.count(b"\n", 0, nl + 1)))
+                i += 1
+            lines += block.count(b"\n")
+            base += len(block)
+    return out + [(base, 1 + lines)] * (len(cuts) - i)  # cuts inside the last line: empty pieces at the end
+
+
+def plan_shards(paths: list[str | Path], n: int) -> list[list[Piece]]:
+    """`n` shards of about equal size, each a list of Pieces, covering every row of `paths` once, in order."""
+    if n < 1:
+        raise ValueError(f"need at least one shard, got {n}")
+    paths = [Path(p) for p in paths]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"{p}: no such file")
+    groups = {f: _row_groups(p) for f, p in enumerate(paths) if p.suffix == ".parquet"}
+    sizes = [groups[f][-1][0] if f in groups else p.stat().st_size for f, p in enumerate(paths)]
+    ends = [len(groups[f]) - 1 if f in groups else size for f, size in enumerate(sizes)]  # end position per file
+    first = [0 if f in groups else 1 for f in range(len(paths))]  # location of a file's first row
+    cum = [0, *itertools.accumulate(sizes)]
+    local: dict[int, list[int]] = {}  # file -> cuts inside it (after its start)
+    for k in range(1, n):
+        c = cum[-1] * k // n
+        f = bisect.bisect_right(cum, c) - 1
+        if f < len(paths) and c > cum[f]:
+            local.setdefault(f, []).append(c - cum[f])
+    resolved = {}
+    for f, cuts in local.items():
+        if f in groups:
+            starts = [w for w, _ in groups[f]]
+            for c in cuts:
+                g = bisect.bisect_left(starts, c)
+                resolved[f, c] = (g, groups[f][g][1])
+        else:
+            resolved.update({(f, c): at for c, at in zip(cuts, _jsonl_line_starts(paths[f], cuts))})
+    bounds = [(0, 0, first[0])]  # (file, position, location of the row there)
+    for k in range(1, n):
+        c = cum[-1] * k // n
+        f = min(bisect.bisect_right(cum, c) - 1, len(paths) - 1)
+        bounds.append((f, *resolved[f, c - cum[f]]) if c > cum[f] else (f, 0, first[f]))
+    bounds.append((len(paths) - 1, ends[-1], 0))
+    shards = []
+    for (fa, pa, ra), (fb, pb, _) in zip(bounds[:-1], bounds[1:]):
+        pieces = []
+        for f in range(fa, fb + 1):
+            start, row = (pa, ra) if f == fa else (0, first[f])
+            end = pb if f == fb else ends[f]
+            if end > start:
+                pieces.append(Piece(f, str(paths[f]), start, end, row))
+        shards.append(pieces)
+    return shards
+
+
+def iter_piece_rows(piece: Piece) -> Iterator[tuple[_Where, Any]]:
+    """(location, decoded row) of each row in `piece`, as `sft_dataset.iter_raw_rows` yields them."""
+    path = Path(piece.path)
+    if piece.parquet:
+        batches = _parquet(path).iter_batches(batch_size=CHUNK_ROWS, row_groups=range(piece.start, piece.end))
+        index = piece.first_row
+        while True:
+            try:  # a damaged page or column chunk fails here, not when the file is opened
+                batch = next(batches, None)
+                rows = batch.to_pylist() if batch is not None else []
+            except Exception as exc:
+                raise DataError(f"{path}:row {index}: cannot read the Parquet data from here on: {exc}") from exc
+            if batch is None:
+                return
+            for row in rows:
+                yield _Where(str(path), index, parquet=True), row
+                index += 1
+    with path.open("rb") as f:
+        f.seek(piece.start)
+        pos, lineno = piece.start, piece.first_row
+        while pos < piece.end:
+            raw = f.readline()
+            if not raw:
+                return
+            pos += len(raw)
+            yield from _jsonl_row(path, lineno, raw)
+            lineno += 1
+
+
+def _jsonl_row(path: Path, lineno: int, raw: bytes) -> Iterator[tuple[_Where, Any]]:
+    """The row on one JSONL line (none for a blank line); messages match sft_dataset.iter_raw_rows."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {exc.start} of the line: "
+                        f"{raw[exc.start:exc.start + 1]!r}, {exc.reason})") from None
+    if not line.strip():
+        return
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{lineno}: bad JSON: {exc.msg} (column {exc.colno})") from exc
+    except RecursionError:
+        raise DataError(f"{path}:{lineno}: bad JSON: nested too deeply") from None
+    yield _Where(str(path), lineno), row
