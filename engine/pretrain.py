@@ -123,7 +123,7 @@ def build_corpus(cfg: PretrainCorpusConfig) -> dict[str, list[dict]]:
         seen.add(problem)
         prompt, _, answer = render(problem, rng)
         direct.append((prompt, f"\\boxed{{{answer}}}"))
-    train = direct[cfg.num_val:] + facts(cfg.fact_max_value) * cfg.fact_repeats
+    train = direct[cfg.num_val:] + (facts(cfg.fact_max_value) * cfg.fact_repeats if cfg.fact_max_value else [])
     rng.shuffle(train)
     return {
         "train": [{"id": f"pretrain-{i}", "prompt": p, "response": r} for i, (p, r) in enumerate(train)],

@@ -46,7 +46,7 @@ def _pretrain(tmp_path, name):
     export = tmp_path / f"{name}-base"
     sets = [f"run.name={name}", f"run.output_dir={tmp_path}", "run.progress=false", "run.device=cpu",
             f"model.config={model}", "corpus.num_direct=300", "corpus.num_val=20", "corpus.fact_max_value=9",
-            "sft.steps=3", "sft.global_batch_size=8", "sft.val_every=3", "sft.checkpoint_every=0",
+            "corpus.fact_repeats=2", "sft.steps=3", "sft.global_batch_size=8", "sft.val_every=3", "sft.checkpoint_every=0",
             f"export_dir={export}"]
     assert cli_main(["pretrain", str(ROOT / "configs" / "pretrain-tiny.yaml"), *[a for s in sets for a in ("--set", s)]]) == 0
     return export
@@ -59,7 +59,7 @@ def test_pretrain_command_is_reproducible_and_exports_a_loadable_base(tmp_path):
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # same seed, same weights
     rows = (tmp_path / "a" / "data" / "train.jsonl").read_text().splitlines()
-    assert len(rows) == 280 + 2 * len(facts(9))  # direct answers (300 - 20 held out) and two copies of each fact
+    assert len(rows) == 300 + 2 * len(facts(9))  # 300 direct answers (20 more held out) and two copies of each fact
     model = build_model(path=str(a), seed=0)
     assert sum(p.numel() for p in model.parameters()) == sum(v.numel() for v in wa.values())
 
