@@ -140,7 +140,10 @@ def write_run_report(job, root: Path, state: dict) -> Path:
         if history else []
     val_rows = "\n".join(f"| {h['step']} | {h['val_loss']:.4f} | {lab} | {h['exaflops'] * GFLOPS_PER_EFLOPS:.4g} |"
                          for h, lab in zip(history, labels))
-    time_rl = sum(r.get("time/step_s", 0) for r in train)
+    # Wall time of the RL phase from the records' timestamps (only every `log_every`-th step is logged, so a sum
+    # of the logged step times would undercount); evaluations included.
+    stamps = [r["time"] for r in records if "time" in r]
+    time_rl = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     text = f"""# Run `{job.run.name}`: SFT, then RL ({job.rl.algorithm})
 
@@ -176,7 +179,7 @@ Mild below {1 + job.sft.subphase_d2:.2f} L_min after the last Stable point, Seve
 ## RL
 
 {rl_state['steps']} steps of {job.rl.algorithm}, {job.rl.train_batch} groups x {job.rl.n_samples} samples per step,
-{rl_state['exaflops'] * GFLOPS_PER_EFLOPS:.4g} GFLOPs by the paper's Appendix C, {time_rl:.0f} s of RL steps.
+{rl_state['exaflops'] * GFLOPS_PER_EFLOPS:.4g} GFLOPs by the paper's Appendix C, {time_rl:.0f} s of RL (wall time, evaluations included).
 Mean generation rounds per step (dynamic sampling): {sum(r['rollout/num_rounds'] for r in train) / max(len(train), 1):.2f}.
 
 ![RL curves](rl_curves.png)

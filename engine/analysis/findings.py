@@ -167,7 +167,8 @@ class SceneOutcome:
 
 def judge_scenes(scenes: list[SceneOutcome], r_threshold: float = -0.8) -> Verdict:
     """Finding 3: (a) more data -> higher ceiling (uniform scenes); (b) difficulty changes it at equal scale;
-    (c) min val loss vs best score: Pearson r <= r_threshold across scenes."""
+    (c) min val loss vs best score: Pearson r <= r_threshold across scenes. For (b) the paper's released 102K
+    scenes order the SFT ceilings hard (76.9) > uniform (75.7) > easy (74.8): harder data, higher potential."""
     rows = [{"scene": s.name, "num_train": s.num_train, "mix": s.mix, "min_val_loss": s.min_val_loss,
              "score": s.best, "a_post": s.a_post} for s in scenes]
     if len(scenes) < 3:
@@ -185,12 +186,12 @@ def judge_scenes(scenes: list[SceneOutcome], r_threshold: float = -0.8) -> Verdi
     for s in scenes:
         by_n.setdefault(s.num_train, []).append(s)
     for n, group in sorted(by_n.items()):
-        if len({s.mix for s in group}) >= 2:
-            order = sorted(group, key=lambda s: s.best.value)
-            spread = _beats(order[-1].best, order[0].best)
+        mixes = {s.mix: s for s in group}
+        if "easy" in mixes and "hard" in mixes:  # the paper's order at 102K: hard > uniform > easy
+            z = _beats(mixes["hard"].best, mixes["easy"].best)
             parts.append(f"difficulty at {n} examples: " + ", ".join(f"{s.mix} {s.best}" for s in group)
-                         + f" (spread {spread:.1f} SE)")
-            (ok if spread > Z else []).append("difficulty")
+                         + f" (hard vs easy: {z:+.1f} SE)")
+            (ok if z > Z else bad if z < -Z else []).append("difficulty")
     losses = np.array([s.min_val_loss for s in scenes])
     scores = np.array([s.best.value for s in scenes])
     if np.ptp(losses) > 0 and np.ptp(scores) > 0:
