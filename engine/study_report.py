@@ -14,6 +14,8 @@ import math
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from engine.analysis import classify_subphases
 from engine.analysis.findings import (
@@ -164,11 +166,10 @@ def plot_switch(job, state: dict, scenes: list[str], a_posts: dict, path: Path) 
         ax.set_title(scene, fontsize=9)
         ax.set_ylim(0, 100)
     axes[0].set_ylabel("pass@1 after RL (%) ±1 SE")
-    for label, color in PHASE_COLORS.items():
-        axes[-1].bar([], [], color=color, label=label)
-    axes[-1].plot([], [], "_", color="#1f4e79", ms=10, mew=2, label="before RL (P_sft)")
-    axes[-1].plot([], [], "D", color="#c55a11", ms=4, label="fitted A_post")
-    axes[-1].legend(fontsize=6, loc="lower right")
+    handles = [Patch(facecolor=color, edgecolor="#555555", label=label) for label, color in PHASE_COLORS.items()]
+    handles += [Line2D([], [], ls="", marker="_", color="#1f4e79", ms=10, mew=2, label="before RL (P_sft)"),
+                Line2D([], [], ls="", marker="D", color="#c55a11", ms=4, label="fitted A_post")]
+    axes[0].legend(handles=handles, fontsize=6, loc="upper left")
     fig.suptitle("Finding 2: switch point (SFT step, sub-phase) vs pass@1 after the same RL", fontsize=10)
     fig.savefig(path, dpi=110)
 
