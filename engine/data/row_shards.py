@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.data.sft_dataset import CHUNK_ROWS, _Where
+from engine.data.sft_dataset import CHUNK_ROWS, _Where, iter_parquet_batches
 from engine.errors import DataError
 
 SCAN_BLOCK = 1 << 24  # bytes read at a time when counting lines
@@ -132,18 +132,8 @@ def iter_piece_rows(piece: Piece) -> Iterator[tuple[_Where, Any]]:
     path = Path(piece.path)
     if piece.parquet:
         batches = _parquet(path).iter_batches(batch_size=CHUNK_ROWS, row_groups=range(piece.start, piece.end))
-        index = piece.first_row
-        while True:
-            try:  # a damaged page or column chunk fails here, not when the file is opened
-                batch = next(batches, None)
-                rows = batch.to_pylist() if batch is not None else []
-            except Exception as exc:
-                raise DataError(f"{path}:row {index}: cannot read the Parquet data from here on: {exc}") from exc
-            if batch is None:
-                return
-            for row in rows:
-                yield _Where(str(path), index, parquet=True), row
-                index += 1
+        yield from iter_parquet_batches(path, batches, piece.first_row)
+        return
     with path.open("rb") as f:
         f.seek(piece.start)
         pos, lineno = piece.start, piece.first_row

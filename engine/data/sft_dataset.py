@@ -116,6 +116,21 @@ class _Where:
 # --- reading ----------------------------------------------------------------------------------------
 
 
+def iter_parquet_batches(path: Path, batches, index: int = 0) -> Iterator[tuple[_Where, Any]]:
+    """(location, row) of each row in `batches` (pyarrow record batches of `path`), numbered from `index`."""
+    while True:
+        try:  # a damaged page or column chunk fails here, not when the file is opened
+            batch = next(batches, None)
+            rows = batch.to_pylist() if batch is not None else []
+        except Exception as exc:
+            raise DataError(f"{path}:row {index}: cannot read the Parquet data from here on: {exc}") from exc
+        if batch is None:
+            return
+        for row in rows:
+            yield _Where(str(path), index, parquet=True), row
+            index += 1
+
+
 def iter_raw_rows(path: str | Path) -> Iterator[tuple[_Where, Any]]:
     """Yield (location, decoded row) from a .jsonl/.json-lines or .parquet file, streaming."""
     path = Path(path)
@@ -128,18 +143,8 @@ def iter_raw_rows(path: str | Path) -> Iterator[tuple[_Where, Any]]:
             pf = pq.ParquetFile(path)
         except Exception as exc:  # pyarrow raises several types for a bad file
             raise DataError(f"{path}: not a readable Parquet file: {exc}") from exc
-        index, batches = 0, pf.iter_batches(batch_size=CHUNK_ROWS)
-        while True:
-            try:  # a damaged page or column chunk fails here, not when the file is opened
-                batch = next(batches, None)
-                rows = batch.to_pylist() if batch is not None else []
-            except Exception as exc:
-                raise DataError(f"{path}:row {index}: cannot read the Parquet data from here on: {exc}") from exc
-            if batch is None:
-                return
-            for row in rows:
-                yield _Where(str(path), index, parquet=True), row
-                index += 1
+        yield from iter_parquet_batches(path, pf.iter_batches(batch_size=CHUNK_ROWS))
+        return
     with path.open("rb") as f:  # decoded line by line, so a bad byte is reported on its own line
         for lineno, raw in enumerate(f, start=1):
             try:
