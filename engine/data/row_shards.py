@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.data.sft_dataset import CHUNK_ROWS, _Where, iter_parquet_batches
+from engine.data.sft_dataset import CHUNK_ROWS, _Where, iter_parquet_batches, jsonl_line_row
 from engine.errors import DataError
 
 SCAN_BLOCK = 1 << 24  # bytes read at a time when counting lines
@@ -142,23 +141,7 @@ def iter_piece_rows(piece: Piece) -> Iterator[tuple[_Where, Any]]:
             if not raw:
                 return
             pos += len(raw)
-            yield from _jsonl_row(path, lineno, raw)
+            yield from jsonl_line_row(path, lineno, raw)
             lineno += 1
 
 
-def _jsonl_row(path: Path, lineno: int, raw: bytes) -> Iterator[tuple[_Where, Any]]:
-    """The row on one JSONL line (none for a blank line); messages match sft_dataset.iter_raw_rows."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {exc.start} of the line: "
-                        f"{raw[exc.start:exc.start + 1]!r}, {exc.reason})") from None
-    if not line.strip():
-        return
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{lineno}: bad JSON: {exc.msg} (column {exc.colno})") from exc
-    except RecursionError:
-        raise DataError(f"{path}:{lineno}: bad JSON: nested too deeply") from None
-    yield _Where(str(path), lineno), row

@@ -131,6 +131,24 @@ def iter_parquet_batches(path: Path, batches, index: int = 0) -> Iterator[tuple[
             index += 1
 
 
+def jsonl_line_row(path: Path, lineno: int, raw: bytes) -> Iterator[tuple[_Where, Any]]:
+    """The row on one JSONL line, with its location; none for a blank line (e.g. a trailing newline)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {exc.start} of the line: "
+                        f"{raw[exc.start:exc.start + 1]!r}, {exc.reason})") from None
+    if not line.strip():
+        return
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{lineno}: bad JSON: {exc.msg} (column {exc.colno})") from exc
+    except RecursionError:
+        raise DataError(f"{path}:{lineno}: bad JSON: nested too deeply") from None
+    yield _Where(str(path), lineno), row
+
+
 def iter_raw_rows(path: str | Path) -> Iterator[tuple[_Where, Any]]:
     """Yield (location, decoded row) from a .jsonl/.json-lines or .parquet file, streaming."""
     path = Path(path)
@@ -147,20 +165,7 @@ def iter_raw_rows(path: str | Path) -> Iterator[tuple[_Where, Any]]:
         return
     with path.open("rb") as f:  # decoded line by line, so a bad byte is reported on its own line
         for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {exc.start} of the line: "
-                                f"{raw[exc.start:exc.start + 1]!r}, {exc.reason})") from None
-            if not line.strip():
-                continue  # blank lines (e.g. a trailing newline) are not rows
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: bad JSON: {exc.msg} (column {exc.colno})") from exc
-            except RecursionError:
-                raise DataError(f"{path}:{lineno}: bad JSON: nested too deeply") from None
-            yield _Where(str(path), lineno), row
+            yield from jsonl_line_row(path, lineno, raw)
 
 
 def _text(where: _Where, row: dict, key: str) -> str:
