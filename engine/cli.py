@@ -23,7 +23,7 @@ from engine.errors import CeilingError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine import evaluate, flops, pipeline, pretrain, sft, sweep
+    from engine import evaluate, flops, pipeline, pretrain, sft, sweep_cli
     from engine.analysis import cli as analysis_cli
     from engine.rl import cli as rl_cli
 
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ceiling-engine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for register in (pipeline.register, sweep.register, pretrain.register, sft.register, rl_cli.register, evaluate.register, flops.register,
+    for register in (pipeline.register, sweep_cli.register, pretrain.register, sft.register, rl_cli.register, evaluate.register, flops.register,
                      analysis_cli.register):
         register(sub)
     return parser

@@ -70,7 +70,7 @@ def forkserver():
     """A forkserver with the engine imported, started without TRITON_INTERPRET (the CPU torch loss path)."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["engine.cli", "engine.sft.trainer", "engine.rl.trainer", "engine.reward",
-                                "engine.pipeline", "engine.sweep", "engine.evaluate", "engine.analysis.cli"])
+                                "engine.pipeline", "engine.sweep_cli", "engine.evaluate", "engine.analysis.cli"])
     saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
         warm = ctx.Process(target=os.getpid)

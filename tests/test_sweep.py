@@ -21,10 +21,10 @@ from engine.sweep import (
     Sweep,
     SweepConfig,
     SweepJobConfig,
-    item_command,
     select_branches,
     select_branches_by_subphase,
 )
+from engine.sweep_cli import item_command
 
 pytestmark = pytest.mark.usefixtures("trainer_env")  # tests/conftest.py
 
