@@ -4,7 +4,7 @@ Fits each branch twice: the default (plain bounded fit + outlier rejection) and 
 (`--lts-alpha 0.85`: 50 concentration steps per LTS run, up to 4 runs per branch). Prints a per-branch
 table and the totals, and appends a section to benchmarks/RESULTS.md (date, machine, versions, times).
 
-    python benchmarks/bench_fit.py [--data ../shared/data/retu] [--no-append]
+    python benchmarks/bench_fit.py [--data tests/data/retu] [--no-append]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/retu")
+    ap.add_argument("--data", type=Path, default=ROOT / "tests" / "data" / "retu")
     ap.add_argument("--no-append", action="store_true", help="print only; do not touch RESULTS.md")
     args = ap.parse_args()
     if hasattr(os, "sched_setaffinity"):

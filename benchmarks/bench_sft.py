@@ -43,12 +43,11 @@ sys.path.insert(0, str(ROOT))
 from harness import append_results, environment, print_table  # noqa: E402
 
 from engine import flops as flops_lib  # noqa: E402
-from engine.config import DataConfig, ModelConfig, RunConfig  # noqa: E402
+from engine.config import DataConfig, KernelConfig, ModelConfig, RunConfig, SFTConfig, SFTJobConfig  # noqa: E402  # noqa: E402
 from engine.data.token_store import TokenStore, write_token_store  # noqa: E402
 from engine.distributed import destroy_distributed  # noqa: E402
 from engine.models import build_model  # noqa: E402
-from engine.models.patches import KernelConfig  # noqa: E402
-from engine.sft.trainer import SFTConfig, SFTJobConfig, SFTTrainer  # noqa: E402
+from engine.sft.trainer import SFTTrainer  # noqa: E402
 
 PROMPT_TOKENS = 64  # no loss on the first tokens of each sequence, as on a chat prompt
 

@@ -117,9 +117,8 @@ def worker_config(run_dir: Path, tok_dir: Path, train: Path, store_root: Path, v
 
 def worker(config: str) -> None:
     """One rank of `ceiling sft` that prints its memory as JSON at the end."""
-    from engine.config import load_config
-    from engine.sft.trainer import SFTJobConfig, SFTTrainer
-
+    from engine.config import SFTJobConfig, load_config
+    from engine.sft.trainer import SFTTrainer
     def status():
         fields = {}
         for line in Path("/proc/self/status").read_text().splitlines():

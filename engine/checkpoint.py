@@ -17,7 +17,8 @@ reported with the file and the reason and moved aside to `step_N.bad`, and resum
 next older one (`on_bad="fallback"`) or stops (`on_bad="stop"`). A `latest` naming a missing directory
 is the same case. Resume never restarts from step 0 while the run has checkpoints or a `latest`:
 when none verifies it is an error. `trainer_state.json` holds the step, the data position and the
-validation history; `extra.pt` the LR scheduler and RNG states. DCP saves DTensor shards with their
+validation history; `extra.pt` the LR scheduler and RNG states, loaded with `weights_only=True` (a run
+directory may be shared: a crafted pickle is refused, never run). DCP saves DTensor shards with their
 global layout, so a run can resume on a different number of ranks.
 """
 
@@ -27,6 +28,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import zlib
@@ -210,6 +212,8 @@ def _finish_on_rank0(ckpt_root: Path, tmp: Path, final: Path, step: int, schedul
         files.update(part)
     extra = io.BytesIO()
     torch.save({"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}, extra)
+    extra.seek(0)
+    torch.load(extra, weights_only=True)  # what resume will read: fail at the save, not at the resume
     files["extra.pt"] = _write_file(tmp / "extra.pt", extra.getvalue())
     files["trainer_state.json"] = _write_file(tmp / "trainer_state.json",
                                               json.dumps({"step": step, **state}, indent=1).encode())
@@ -292,15 +296,39 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, ver
         dcp.load({"model": model_sd}, checkpoint_id=str(path))
         set_model_state_dict(model, model_sd)
         return json.loads((path / "trainer_state.json").read_text())
+    extra = _load_extra(path / "extra.pt")  # first: a refused file leaves the model and optimizer untouched
     model_sd, optim_sd = get_state_dict(model, optimizer)
     to_load = {"model": model_sd, "optim": optim_sd}
     dcp.load(to_load, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optim"])
-    extra = torch.load(path / "extra.pt", weights_only=False)
     if scheduler is not None:
         scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["rng"])
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def _load_extra(file: Path) -> dict[str, Any]:
+    """`extra.pt`: the scheduler state (plain numbers, lists, dicts) and the RNG state (a uint8 tensor).
+
+    Read with `weights_only=True`: a full unpickle would run whatever code the file names (e.g. through
+    `__reduce__`) in every process that resumes from it, and run and sweep directories are shared. Anything
+    beyond tensors and plain containers is refused."""
+    try:
+        extra = torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):  # a damaged pickle
+            raise CheckpointError(f"{file}: unreadable ({str(exc).splitlines()[0]})") from exc
+        reason = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))  # what it would have called
+        raise CheckpointError(
+            f"{file}: refused: it names {reason.group(1) if reason else 'a Python object'}, which unpickling "
+            "would call. extra.pt holds only the scheduler and RNG states, read with torch.load(weights_only="
+            "True); this file was not written by the engine: resume only from a directory you trust"
+        ) from exc
+    if not (isinstance(extra, dict) and isinstance(extra.get("scheduler"), dict)
+            and isinstance(extra.get("rng"), torch.Tensor) and extra["rng"].dtype == torch.uint8):
+        raise CheckpointError(f"{file}: not a checkpoint's extra state (expected a dict with 'scheduler' and a "
+                              "uint8 'rng' tensor)")
+    return extra
 
 
 def _step_dirs(ckpt_root: Path) -> list[Path]:

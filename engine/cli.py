@@ -6,42 +6,48 @@
     ceiling pretrain configs/pretrain-tiny.yaml    # the tiny base model (facts + direct answers; shipped)
     ceiling fit DATA.json --all --out runs/fit     # Plasticity-Ceiling fits (engine/analysis)
     ceiling flops sft --model-config configs/models/qwen2.5-7b.json --batch-size 512 --mean-seq-len 3771 --steps 360
-    ceiling sft configs/tiny.yaml [--set sft.lr=3e-4]
+    ceiling sft configs/sft-tiny.yaml [--set sft.lr=3e-4]
     ceiling rl configs/rl-tiny.yaml [--set rl.algorithm=luffy]
 
-Each capability module exposes `register(subparsers)`, which adds its parser and sets `func`. A
+Each capability module exposes `register(subparsers)`, which adds its parser and sets `func`. Only the module of
+the command being run is imported (`ceiling fit` never loads torch); `ceiling --help` imports them all. A
 `CeilingError` (bad config, bad data, bad flag) prints `error: ...` and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from engine import __version__
 from engine.errors import CeilingError
 
+# command -> the module whose `register` adds it, in the order `ceiling --help` lists them
+COMMANDS = {
+    "run": "engine.pipeline", "sweep": "engine.sweep.cli", "pretrain": "engine.pretrain", "sft": "engine.sft",
+    "rl": "engine.rl.cli", "eval": "engine.evaluate", "flops": "engine.flops", "fit": "engine.analysis.cli",
+}
 
-def build_parser() -> argparse.ArgumentParser:
-    from engine import evaluate, flops, pipeline, pretrain, sft, sweep_cli
-    from engine.analysis import cli as analysis_cli
-    from engine.rl import cli as rl_cli
 
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with `command`'s subcommand only (its module alone is imported), or with all of them."""
     parser = argparse.ArgumentParser(
         prog="ceiling",
         description="ceiling-engine: SFT, RL with verifiable rewards, SFT-then-RL, and Plasticity-Ceiling analysis.",
     )
     parser.add_argument("--version", action="version", version=f"ceiling-engine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for register in (pipeline.register, sweep_cli.register, pretrain.register, sft.register, rl_cli.register, evaluate.register, flops.register,
-                     analysis_cli.register):
-        register(sub)
+    for name, module in COMMANDS.items():
+        if command is None or name == command:
+            importlib.import_module(module).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(command).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except CeilingError as exc:

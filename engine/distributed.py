@@ -15,11 +15,12 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from engine.config import FSDPConfig
 
 
 @dataclass(frozen=True)
@@ -96,49 +97,26 @@ def compute_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
 
 
-@dataclass
-class FSDPConfig:
-    """How the policy is sharded and checkpointed for training (FSDP2, activation checkpointing)."""
-
-    reshard_after_forward: bool = True
-    """Free each layer's all-gathered parameters after its forward and gather them again in backward (less
-    memory); False keeps them until backward (one all-gather per layer per micro-batch instead of two)."""
-    activation_checkpointing_every: int = 1
-    """With model.activation_checkpointing: recompute every k-th decoder layer only (1 = every layer; k = 2
-    recomputes half of them, trading memory for ~1/(3k) less recompute)."""
-    activation_checkpointing_mode: Literal["full", "selective_op"] = "full"
-    """With model.activation_checkpointing, what a checkpointed layer recomputes in backward: full = its whole
-    forward (saves only its input); selective_op = only the cheap ops (norms, activations, RoPE, residual adds),
-    while the outputs of matmuls and attention are saved (SAVED_OPS): no matmul is recomputed, and the memory
-    kept is those outputs instead of every intermediate."""
-    reduce_scatter_every_micro_batch: bool = False
-    """Reduce-scatter gradients after every micro-batch, so each rank only ever holds sharded gradients;
-    False accumulates full unsharded fp32 gradients over the micro-batches and reduces once per step (less
-    communication, ~4 bytes x parameters more memory per rank)."""
-
-    def __post_init__(self):
-        if self.activation_checkpointing_every < 1:
-            raise ValueError(f"fsdp.activation_checkpointing_every must be >= 1, got "
-                             f"{self.activation_checkpointing_every}")
-        if self.activation_checkpointing_mode not in ("full", "selective_op"):
-            raise ValueError(f"fsdp.activation_checkpointing_mode must be 'full' or 'selective_op', got "
-                             f"{self.activation_checkpointing_mode!r}")
-
-
 # Ops whose outputs selective_op checkpointing keeps (compute-bound: recomputing them costs a matmul or an attention
 # pass; communication is never redone); every other op in a checkpointed layer is recomputed. Ops this build of
-# torch (or torch_npu, flash_attn) does not have are skipped.
+# torch (or torch_npu, flash_attn) does not have are skipped. The policy sees the op a module dispatches, not the
+# kernels inside it: `torch.nn.attention.varlen.varlen_attn` (the `varlen` backend on CUDA) is the custom op
+# `torch_attn::_varlen_attn`, whose inner `aten::_flash_attention_forward` never reaches the policy.
 SAVED_OPS = (
     "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm",
     "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
     "aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
     "aten::_scaled_dot_product_fused_attention_overrideable", "aten::_flash_attention_forward",
-    "aten::_efficient_attention_forward", "flash_attn::_flash_attn_varlen_forward", "npu::npu_fusion_attention",
-    "_c10d_functional::reduce_scatter_tensor",
+    "aten::_efficient_attention_forward", "torch_attn::_varlen_attn", "flash_attn::_flash_attn_varlen_forward",
+    "npu::npu_fusion_attention", "_c10d_functional::reduce_scatter_tensor",
 )
 
 
 def saved_ops() -> set:
+    try:  # registers torch_attn::_varlen_attn (a Python custom op: absent until its module is imported)
+        import torch.nn.attention.varlen  # noqa: F401
+    except ImportError:  # a torch without varlen_attn
+        pass
     ops = set()
     for qualified in SAVED_OPS:
         namespace, name = qualified.split("::")

@@ -14,11 +14,13 @@ import argparse
 def run_job(args: argparse.Namespace, job_cls, runner) -> int:
     """Load `args.config` (+ `args.overrides`) into `job_cls`, run `runner(job)`, and tear the process group down."""
     from engine.config import load_config
+    from engine.config.jobs import check_inputs
     from engine.distributed import destroy_distributed
     from engine.metrics import setup_logging
 
     setup_logging()
     job = load_config(args.config, job_cls, args.overrides)
+    check_inputs(job, args.config)
     try:
         runner(job)
     finally:

@@ -92,9 +92,13 @@ class PolicyLossOutput(NamedTuple):
 
 
 def _normalizer(normalizer, mask_T):
-    norm = mask_T.sum() if normalizer is None else torch.as_tensor(normalizer, dtype=torch.float32,
-                                                                      device=mask_T.device)
-    norm = norm.to(torch.float32)
+    """The loss's divisor as a 0-d fp32 tensor on the mask's device (0 counts as 1). A Python number is filled
+    in on the device (`torch.full`: a kernel argument): `torch.as_tensor(number, device=cuda)` would copy it
+    from the host, a blocking copy that waits for the stream (`cudaStreamSynchronize`) on every call."""
+    if isinstance(normalizer, (int, float)):
+        norm = torch.full((), float(normalizer), dtype=torch.float32, device=mask_T.device)
+    else:
+        norm = (mask_T.sum() if normalizer is None else normalizer).to(device=mask_T.device, dtype=torch.float32)
     return torch.where(norm == 0, torch.ones_like(norm), norm)
 
 

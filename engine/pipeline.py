@@ -23,54 +23,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
+from engine.analysis.phases import stable_confirmed
 from engine.checkpoint import checkpoint_name
-from engine.config import DataConfig, ModelConfig, RunConfig, add_config_arguments, dump_config
+from engine.config import (
+    RLJobConfig,
+    RunJobConfig,
+    SFTConfig,
+    SFTJobConfig,
+    add_config_arguments,
+    dump_config,
+)
 from engine.distributed import destroy_distributed
-from engine.rl.config import RLConfig, RLJobConfig
 from engine.rl.trainer import RLTrainer
-from engine.sft.trainer import SFTConfig, SFTJobConfig, SFTTrainer
+from engine.sft.trainer import SFTTrainer
 
 log = logging.getLogger("ceiling")
-
-
-@dataclass
-class PipelineConfig:
-    """When SFT hands over to RL."""
-
-    switch: str = "stable"
-    """'stable', 'min_val_loss' or 'step:N'."""
-    patience: int = 2
-    """stable: validations after the first plateau point that must stay within (1 + d1) L_min."""
-    eval_samples: int = 4
-    """Samples per eval prompt for the base-model pass@1 (RL's own evaluations use rl.eval_samples)."""
-
-    def __post_init__(self):
-        if self.switch not in ("stable", "min_val_loss") and not re.fullmatch(r"step:[1-9]\d*", self.switch):
-            raise ValueError(f"pipeline.switch must be 'stable', 'min_val_loss' or 'step:N', got {self.switch!r}")
-        if self.patience < 1 or self.eval_samples < 1:
-            raise ValueError("pipeline.patience and pipeline.eval_samples must be >= 1")
-
-
-@dataclass
-class RunJobConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(config="configs/models/tiny-qwen2.json",
-                                                                   tokenizer="char"))
-    data: DataConfig = field(default_factory=DataConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    rl: RLConfig = field(default_factory=RLConfig)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-
-
-def stable_confirmed(losses: list[float], d1: float, patience: int) -> bool:
-    """The last `patience` + 1 validation losses all lie within (1 + d1) of the minimum so far."""
-    if len(losses) < patience + 1:
-        return False
-    return max(losses[-(patience + 1):]) <= (1 + d1) * min(losses)
 
 
 class Pipeline:
@@ -101,6 +71,19 @@ class Pipeline:
             return lambda history: f"switch step {n} reached" if history and history[-1]["step"] >= n else None
         return None
 
+    def sft_job(self, sft: SFTConfig) -> SFTJobConfig:
+        """The SFT phase as an SFT job in `<run>/sft/`, with the run's model, data, kernels and FSDP sections."""
+        job = self.job
+        return SFTJobConfig(run=replace(job.run, output_dir=str(self.root), name="sft"), model=job.model,
+                            data=job.data, sft=sft, kernels=job.kernels, fsdp=job.fsdp)
+
+    def rl_job(self, init_checkpoint: str) -> RLJobConfig:
+        """The RL phase as an RL job in `<run>/rl/` from `init_checkpoint`, with every section RL honours."""
+        job = self.job
+        return RLJobConfig(run=replace(job.run, output_dir=str(self.root), name="rl"), model=job.model,
+                           data=job.data, rl=replace(job.rl, init_checkpoint=init_checkpoint), rollout=job.rollout,
+                           kernels=job.kernels, fsdp=job.fsdp)
+
     def run_sft(self) -> None:
         job = self.job
         policy = job.pipeline.switch
@@ -110,9 +93,7 @@ class Pipeline:
             if n > sft_cfg.steps:
                 raise ValueError(f"pipeline.switch={policy} is beyond sft.steps={sft_cfg.steps}")
             sft_cfg = replace(sft_cfg, steps=n)
-        sft_job = SFTJobConfig(run=replace(job.run, output_dir=str(self.root), name="sft"), model=job.model,
-                               data=job.data, sft=sft_cfg)
-        summary = SFTTrainer(sft_job).fit(stop_when=self._stop_rule())
+        summary = SFTTrainer(self.sft_job(sft_cfg)).fit(stop_when=self._stop_rule())
         destroy_distributed()
         history, best = summary["val_history"], summary["best"]
         stopped = summary.get("stopped")
@@ -137,12 +118,21 @@ class Pipeline:
 
     def run_rl(self) -> None:
         job, switch = self.job, self.state["switch"]
-        rl_job = RLJobConfig(run=replace(job.run, output_dir=str(self.root), name="rl"), model=job.model,
-                             data=job.data, rl=replace(job.rl, init_checkpoint=switch["checkpoint"]))
-        summary = RLTrainer(rl_job).fit()
-        destroy_distributed()
+        trainer = RLTrainer(self.rl_job(switch["checkpoint"]))
+        try:
+            if "base" not in self.state:
+                # The rollout backend starts from the base model's weights (model.path or the seeded init), so
+                # the base is scored before the first weight sync, by the same backend: no second copy.
+                self.state["base"] = {"pass@1": 100 * trainer.evaluate(samples=job.pipeline.eval_samples),
+                                      "samples": job.pipeline.eval_samples, "backend": trainer.rollout.backend}
+                self._save_state()
+            summary = trainer.fit()
+        finally:
+            trainer.rollout.close()  # frees the engine's weights and KV cache before the report phase
+            destroy_distributed()
         self.state["rl"] = {"steps": summary["steps"], "exaflops": summary["exaflops"],
-                            "eval_history": summary["eval_history"]}
+                            "eval_history": summary["eval_history"], "rollout_backend": summary["rollout_backend"],
+                            "device": trainer.info.device.type}
 
     def run_report(self) -> Path:
         from engine.report import write_run_report

@@ -27,12 +27,17 @@ import json
 import logging
 import random
 import shutil
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from engine.config import DataConfig, ModelConfig, RunConfig, add_config_arguments
+from engine.config import (
+    DataConfig,
+    PretrainCorpusConfig,
+    PretrainJobConfig,
+    SFTJobConfig,
+    add_config_arguments,
+)
 from engine.data.synthetic import (
-    SyntheticTaskConfig,
     level_weights,
     levels,
     render,
@@ -40,56 +45,9 @@ from engine.data.synthetic import (
     task_problems,
     write_jsonl,
 )
-from engine.sft.trainer import SFTConfig, SFTJobConfig, SFTTrainer
+from engine.sft.trainer import SFTTrainer
 
 log = logging.getLogger("ceiling")
-
-
-@dataclass
-class PretrainCorpusConfig:
-    """The pretraining text: arithmetic facts and direct answers, disjoint from the task's held-out problems."""
-
-    task: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
-    """The task whose levels the direct-answer problems follow and whose eval, rl and val problems they avoid
-    (set it as in the sweep's or the demo's `data.synthetic`)."""
-    num_direct: int = 20000
-    """Direct-answer problems (prompt -> \\boxed{answer})."""
-    num_val: int = 500
-    """Held-out direct-answer problems for the validation loss."""
-    fact_max_value: int = 40
-    """Facts a+b and a-b for 0 <= a <= this and 1 <= b <= 9 (b <= a for '-'); 0 disables facts."""
-    fact_repeats: int = 2
-    """Copies of each fact in the corpus."""
-    seed: int = 7
-    """Seed of the corpus (problems and wording)."""
-
-    def __post_init__(self):
-        for name in ("num_direct", "num_val", "fact_max_value", "fact_repeats", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"corpus.{name} must be an integer >= 0, got {value!r}")
-        if self.num_direct < 1:
-            raise ValueError("corpus.num_direct must be >= 1")
-
-
-@dataclass
-class PretrainJobConfig:
-    run: RunConfig = field(default_factory=lambda: RunConfig(name="pretrain-tiny"))
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(config="configs/models/tiny-qwen2.json",
-                                                                   tokenizer="char"))
-    corpus: PretrainCorpusConfig = field(default_factory=PretrainCorpusConfig)
-    sft: SFTConfig = field(default_factory=lambda: SFTConfig(
-        steps=300, global_batch_size=32, micro_batch_tokens=4096, lr=2e-3, warmup_steps=20, val_every=50,
-        checkpoint_every=100, keep_checkpoints=1))
-    """Optimisation of the stage (engine/sft/trainer.SFTConfig)."""
-    max_seq_len: int = 256
-    """Longest corpus row in tokens."""
-    export_dir: str | None = None
-    """Also copy the final HF directory here (e.g. configs/models/tiny-base, the base the demo and sweep use)."""
-
-    def __post_init__(self):
-        if self.max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
 
 
 def facts(max_value: int) -> list[tuple[str, str]]:
@@ -149,7 +107,7 @@ def run_pretrain(job: PretrainJobConfig) -> dict:
     sft_job = SFTJobConfig(run=job.run, model=job.model,
                            data=DataConfig(train_path=str(data_dir / "train.jsonl"), val_path=str(data_dir / "val.jsonl"),
                                            max_seq_len=job.max_seq_len),
-                           sft=replace(job.sft, export_hf=True))
+                           sft=replace(job.sft, export_hf=True), kernels=job.kernels, fsdp=job.fsdp)
     summary = SFTTrainer(sft_job).fit()
     destroy_distributed()
     if job.export_dir:

@@ -16,7 +16,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
 from engine.analysis.phases import classify_subphases  # noqa: E402
 from engine.metrics import read_metrics  # noqa: E402
@@ -82,21 +81,6 @@ def _plot_bars(values: dict[str, float], path: Path) -> None:
     plt.close(fig)
 
 
-def base_model_pass_at_1(job, eval_path: Path) -> float:
-    """pass@1 of the model before any training (the random init or model.path)."""
-    from engine.data.tokenizer import load_tokenizer
-    from engine.evaluate import evaluate_model
-    from engine.models import build_model
-
-    model = build_model(path=job.model.path, config=job.model.config, seed=job.run.seed)
-    model.config._attn_implementation = "sdpa"
-    result = evaluate_model(model.eval(), load_tokenizer(job.model.tokenizer), {"eval": eval_path},
-                            samples=job.pipeline.eval_samples, temperature=job.rl.eval_temperature,
-                            max_new_tokens=job.rl.max_new_tokens, max_prompts=job.rl.eval_max_prompts,
-                            seed=job.run.seed)
-    return result.scores["eval"]
-
-
 def retu_curves(name: str, switch: dict, base: float, evals: list[dict], n_eval: int) -> dict:
     """The run as a RETU scene: SFT points (base, switch checkpoint) and one RL branch, in GFLOPs."""
     sft_x = round(switch["sft_exaflops_at_switch"] * GFLOPS_PER_EFLOPS, 2)
@@ -123,7 +107,7 @@ def write_run_report(job, root: Path, state: dict) -> Path:
     at_switch = next((h for h in history if h["step"] == switch["step"]), None)
     switch["sft_exaflops_at_switch"] = at_switch["exaflops"] if at_switch else switch["sft_exaflops"]
     eval_path = root / "rl" / "data" / "eval.jsonl"
-    base = base_model_pass_at_1(job, eval_path) if eval_path.is_file() else float("nan")
+    base = state.get("base", {}).get("pass@1", float("nan"))
     if history:
         _plot_sft(history, switch, job.sft.subphase_d1, job.sft.subphase_d2, root / "sft_val_loss.png")
     records = read_metrics(root / "rl" / "metrics.jsonl")
@@ -144,10 +128,13 @@ def write_run_report(job, root: Path, state: dict) -> Path:
     # of the logged step times would undercount); evaluations included.
     stamps = [r["time"] for r in records if "time" in r]
     time_rl = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backends = {"base": state.get("base", {}).get("backend"), "RL rollouts": rl_state.get("rollout_backend"),
+                **{f"RL step {e['step']}": e.get("backend") for e in evals}}
+    generated = ", ".join(f"{k} {v}" for k, v in backends.items())
     text = f"""# Run `{job.run.name}`: SFT, then RL ({job.rl.algorithm})
 
-Device: {device}. Config: `config.yaml` (resolved). SFT and RL run directories: `sft/`, `rl/`.
+Device: {rl_state.get("device", "unknown")}. Config: `config.yaml` (resolved). SFT and RL run directories: `sft/`, `rl/`.
+Rollout backend (`rollout.backend`): `{job.rollout.backend}`; what generated each number: {generated}.
 
 ## Result
 

@@ -18,11 +18,11 @@ from functools import partial
 import torch
 
 from engine.checkpoint import latest_checkpoint
-from engine.config import ModelConfig
-from engine.distributed import DistInfo, FSDPConfig, all_reduce_sum, apply_fsdp, compute_dtype
+from engine.config import FSDPConfig, KernelConfig, ModelConfig
+from engine.distributed import DistInfo, all_reduce_sum, apply_fsdp, compute_dtype
 from engine.models import PackedCausalLM, build_model, set_attention_backend
 from engine.models.hf_checkpoint import load_hf_sharded
-from engine.models.patches import KernelConfig, apply_kernels
+from engine.models.patches import apply_kernels
 
 
 class NonFiniteError(RuntimeError):

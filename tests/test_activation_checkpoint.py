@@ -3,6 +3,8 @@ gradients of no checkpointing; selective_op recomputes the elementwise ops in ba
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from engine.config import FSDPConfig
 from engine.data.packing import IGNORE_INDEX, collate_packed
-from engine.distributed import FSDPConfig, apply_fsdp, init_distributed
+from engine.distributed import apply_fsdp, init_distributed
 from engine.models import PackedCausalLM, build_model
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs/models/tiny-qwen2.json")
@@ -75,6 +78,43 @@ def test_modes_give_the_same_loss_and_grads_and_selective_recomputes_only_cheap_
     assert matmuls(full) >= matmuls(base) + 6 * layers
     attention = "_scaled_dot_product_flash_attention_for_cpu"  # the CPU SDPA kernel of the sdpa backend
     assert full[attention] == layers and attention not in selective and attention not in base
+
+
+def test_selective_op_saves_varlen_attention_instead_of_recomputing_it():
+    """Fails on the code before issue #21: SAVED_OPS lacked `torch_attn::_varlen_attn`, the op that
+    `varlen_attn` (the CUDA attention backend) dispatches, so selective_op recomputed attention in backward.
+
+    CUDA-only kernel, so on meta tensors: the checkpoint policy only sees ops and shapes."""
+    varlen = pytest.importorskip("torch.nn.attention.varlen")
+    from torch.utils.checkpoint import checkpoint
+
+    from engine.distributed import saved_ops, selective_op_context
+
+    assert torch.ops.torch_attn._varlen_attn.default in saved_ops()
+    q, k, v = (torch.randn(16, 2, 64, device="meta", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 7, 16], dtype=torch.int32, device="meta")
+
+    def layer(q, k, v):
+        return varlen.varlen_attn(q.sin(), k, v, cu, cu, 9, 9, window_size=(-1, 0)).sum()
+
+    out = checkpoint(layer, q, k, v, use_reentrant=False, context_fn=selective_op_context, preserve_rng_state=False)
+    with OpCounter() as counter:
+        out.backward()
+    assert counter.counts.get("sin") == 1  # the cheap op is recomputed...
+    assert "_varlen_attn" not in counter.counts and counter.counts["_varlen_attn_backward"] == 1  # ...attention not
+
+
+def test_saved_ops_registers_varlen_attention_itself():
+    """`torch_attn::_varlen_attn` is a Python custom op, registered only when its module is imported: saved_ops()
+    must not depend on someone having imported it first (a fresh interpreter here)."""
+    pytest.importorskip("torch.nn.attention.varlen")
+    code = ("import torch\n"
+            "assert not hasattr(torch.ops.torch_attn, '_varlen_attn')\n"
+            "from engine.distributed import saved_ops\n"
+            "ops = saved_ops()\n"
+            "assert torch.ops.torch_attn._varlen_attn.default in ops\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
 
 
 def test_mode_is_validated():

@@ -10,8 +10,7 @@ import pytest
 from engine.analysis.cli import register
 from engine.errors import CeilingError, DataError
 
-RETU = Path(__file__).resolve().parents[1].parent / "shared/data/retu"
-needs_retu = pytest.mark.skipif(not RETU.is_dir(), reason=f"RETU curves not found at {RETU}")
+RETU = Path(__file__).resolve().parent / "data" / "retu"  # vendored: tests/data/retu/README.md
 
 
 def mini_scene():
@@ -82,7 +81,6 @@ def test_errors_are_ceiling_errors(tmp_path):
         run(["fit", str(good)])
 
 
-@needs_retu
 def test_retu_general_branch(tmp_path, capsys):
     out = tmp_path / "g.json"
     assert run(["fit", str(RETU / "general.json"), "--branch", "360", "--json", str(out)]) == 0

@@ -216,8 +216,9 @@ def run(argv):
 
 @needs_retu
 def test_cli_early_stop_on_a_real_scene(tmp_path, capsys):
+    """The per-branch rule through the CLI (the comparing rule, the default, is in test_analysis_race.py)."""
     out = tmp_path / "es"
-    assert run(["fit", str(RETU / "general.json"), "--early-stop", "--out", str(out)]) == 0
+    assert run(["fit", str(RETU / "general.json"), "--early-stop", "--rule", "branch", "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
     assert "| SFT step | points used/total | EFLOPs used/total | compute saved |" in stdout
     assert "branches early" in stdout and "Best branch: early-stopped sweep picks SFT step" in stdout

@@ -12,8 +12,7 @@ from engine.analysis import FitConfig, FitError, fit_branch, fit_points, load_sc
 from engine.analysis.fit import _lm_refit, _Model, _modified_z
 from engine.errors import CeilingError, DataError
 
-RETU = Path(__file__).resolve().parents[1].parent / "shared/data/retu"
-needs_retu = pytest.mark.skipif(not RETU.is_dir(), reason=f"RETU curves not found at {RETU}")
+RETU = Path(__file__).resolve().parent / "data" / "retu"  # vendored: tests/data/retu/README.md
 
 
 def synthetic(A=8.0, C_mid=12.0, B=1.6, C0=0.0, n=40, x_max=60.0, noise=0.05, seed=0, anchor=True):
@@ -251,7 +250,6 @@ def test_loader_bad_json_and_missing_file(tmp_path):
 # ---- the real curves --------------------------------------------------------------------------------
 
 
-@needs_retu
 def test_retu_scenes_load_and_general_fits_are_sane():
     counts = {s: len(load_scene(RETU / f"{s}.json").steps)
               for s in ("general", "s1K", "easy102K", "uniform102K", "hard102K")}
@@ -267,7 +265,6 @@ def test_retu_scenes_load_and_general_fits_are_sane():
         assert 78 < r.A_post < 86 and r.r2_train > 0.9 and r.warnings == []
 
 
-@needs_retu
 def test_retu_collapse_branch_is_flagged():
     r = fit_branch(load_scene(RETU / "easy102K.json").branch(6120))
     assert any(w.startswith("collapse") for w in r.warnings)

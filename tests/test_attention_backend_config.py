@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ModelConfig, load_config
+from engine.config import ModelConfig, SFTJobConfig, load_config
 from engine.errors import CeilingError, ConfigError
 from engine.models import attention
-from engine.sft.trainer import SFTJobConfig
 from engine.training import build_policy
 
 HAS_TORCH_NPU = importlib.util.find_spec("torch_npu") is not None

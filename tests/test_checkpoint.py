@@ -162,6 +162,61 @@ def test_damaged_manifest_and_missing_file_are_named(two_checkpoints):
         resume_latest(root, *_state(1))
 
 
+class _WritesMarker:
+    """Unpickling it calls open(marker, "w"): code chosen by whoever wrote the file, run by whoever loads it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_crafted_extra_pt_is_refused_and_never_run(two_checkpoints, tmp_path, caplog):
+    """Fails on the code before issue #21: extra.pt was read with torch.load(weights_only=False), so a file
+    planted in a shared run directory ran its code in every process that resumed from it."""
+    root, weights = two_checkpoints
+    path = root / "step_00000002"
+    marker = tmp_path / "code-ran"
+    real = torch.load(path / "extra.pt", weights_only=True)
+    torch.save({"scheduler": real["scheduler"], "rng": real["rng"], "payload": _WritesMarker(marker)},
+               path / "extra.pt")
+    data = (path / "extra.pt").read_bytes()  # whoever can write the file can rewrite the manifest too
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["extra.pt"] = {"size": len(data), "crc32": zlib.crc32(data)}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert verify_checkpoint(path) == []
+    model, opt, sched = _state(1)
+    untouched = _weights(model)
+    with pytest.raises(CheckpointError, match=r"extra.pt: refused: it names \S*open, which unpickling would call"):
+        ckpt.load_checkpoint(path, model, opt, sched)
+    assert not marker.exists()
+    for k, v in _weights(model).items():  # refused before anything was loaded
+        assert torch.equal(v, untouched[k])
+    with caplog.at_level(logging.WARNING, logger="ceiling"):
+        state = resume_latest(root, model, opt, sched)  # the planted checkpoint is set aside, step 1 resumes
+    assert state["step"] == 1 and not marker.exists() and "extra.pt: refused" in caplog.text
+    for k, v in _weights(model).items():
+        torch.testing.assert_close(v, weights[1][k], rtol=0, atol=0)
+    torch.load(root / "step_00000002.bad" / "extra.pt", weights_only=False)  # the old read: the payload runs
+    assert marker.exists()
+
+
+def test_resume_restores_scheduler_and_rng_exactly(tmp_path):
+    model, opt, sched = _state(0)
+    _train(model, opt, sched, steps=3)
+    save_checkpoint(tmp_path / "ckpt", 3, model, opt, sched, {})
+    lr, epoch = sched.get_last_lr(), sched.last_epoch
+    next_draw = torch.rand(5)
+    model2, opt2, sched2 = _state(7)
+    torch.manual_seed(123)
+    assert resume_latest(tmp_path / "ckpt", model2, opt2, sched2)["step"] == 3
+    assert sched2.get_last_lr() == lr and sched2.last_epoch == epoch
+    assert torch.equal(torch.rand(5), next_draw)
+    for k, v in _weights(model2).items():
+        torch.testing.assert_close(v, _weights(model)[k], rtol=0, atol=0)
+
+
 def test_interrupted_write_is_ignored_and_removed(two_checkpoints):
     root, _ = two_checkpoints
     (root / "step_00000003.tmp").mkdir()
@@ -316,12 +371,11 @@ def test_reused_pid_and_other_host(tmp_path):
 
 def test_resume_with_another_batch_size_continues_at_the_saved_data_position(tmp_path, trainer_env, caplog):
     """Fails on the old code: the data position was recomputed as step x the new batch size."""
-    from engine.config import DataConfig, ModelConfig, RunConfig
+    from engine.config import DataConfig, ModelConfig, RunConfig, SFTConfig, SFTJobConfig
     from engine.data.synthetic import SyntheticTaskConfig
     from engine.data.tokenizer import build_char_tokenizer
     from engine.distributed import destroy_distributed
-    from engine.sft.trainer import SFTConfig, SFTJobConfig, SFTTrainer
-
+    from engine.sft.trainer import SFTTrainer
     model = tmp_path / "model.json"
     model.write_text(json.dumps(dict(model_type="qwen2", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=len(build_char_tokenizer()),

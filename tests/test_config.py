@@ -106,12 +106,7 @@ def test_shipped_configs_load():
     """Every YAML in configs/ loads into its job's dataclasses."""
     from pathlib import Path
 
-    from engine.pipeline import RunJobConfig
-    from engine.pretrain import PretrainJobConfig
-    from engine.rl.config import RLJobConfig
-    from engine.sft.trainer import SFTJobConfig
-    from engine.sweep import SweepJobConfig
-
+    from engine.config import PretrainJobConfig, RLJobConfig, RunJobConfig, SFTJobConfig, SweepJobConfig
     root = Path(__file__).resolve().parents[1] / "configs"
     kinds = {"sft": SFTJobConfig, "rl": RLJobConfig, "sweep": SweepJobConfig, "pretrain": PretrainJobConfig}
     paths = sorted(root.glob("*.yaml"))

@@ -118,9 +118,8 @@ def synthetic_state(scenes):
 
 
 def test_sweep_report_findings_section_on_a_known_scene(tmp_path):
-    from engine.study_report import findings_markdown
-    from engine.sweep import SceneSpec, SweepConfig, SweepJobConfig
-
+    from engine.config import SceneSpec, SweepConfig, SweepJobConfig
+    from engine.sweep.findings_report import findings_markdown
     job = SweepJobConfig(sweep=SweepConfig(scenes=[SceneSpec("n200", num_train=200), SceneSpec("n1000", num_train=1000),
                                                    SceneSpec("n4000", num_train=4000)]))
     state = synthetic_state([("n200", 200, 0.55), ("n1000", 1000, 0.7), ("n4000", 4000, 0.85)])

@@ -307,7 +307,7 @@ def test_bad_data_through_the_cli(tmp_path, capsys):
 
 
 def _small_scene() -> dict:
-    scene = json.loads(Path(ROOT.parent / "shared" / "data" / "retu" / "s1K.json").read_text())
+    scene = json.loads(Path(ROOT / "tests" / "data" / "retu" / "s1K.json").read_text())
     keep = ["0", "124"]
     scene["rl"] = {k: scene["rl"][k] for k in keep}
     scene["sft_step_cache_exaflops"] = {k: scene["sft_step_cache_exaflops"][k] for k in keep}

@@ -6,8 +6,9 @@ import os
 import pytest
 import torch
 
+from engine.config import KernelConfig
 from engine.models import PackedCausalLM, build_model
-from engine.models.patches import KernelConfig, apply_kernels, apply_liger_rms_norm, apply_liger_swiglu
+from engine.models.patches import apply_kernels, apply_liger_rms_norm, apply_liger_swiglu
 from engine.sft.trainer import SFTTrainer
 from tests.test_models import TINY, packed, tiny_model
 from tests.test_sft import job

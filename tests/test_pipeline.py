@@ -5,14 +5,21 @@ import json
 import pytest
 
 from engine.analysis import load_scene
-from engine.config import DataConfig, ModelConfig, RunConfig
+from engine.analysis.phases import stable_confirmed
+from engine.config import (
+    DataConfig,
+    ModelConfig,
+    PipelineConfig,
+    RLConfig,
+    RunConfig,
+    RunJobConfig,
+    SFTConfig,
+)
 from engine.data.synthetic import SyntheticTaskConfig
 from engine.data.tokenizer import build_char_tokenizer
 from engine.errors import ConfigError
 from engine.metrics import read_metrics
-from engine.pipeline import Pipeline, PipelineConfig, RunJobConfig, stable_confirmed
-from engine.rl.config import RLConfig
-from engine.sft.trainer import SFTConfig
+from engine.pipeline import Pipeline
 
 pytestmark = pytest.mark.usefixtures("trainer_env")  # tests/conftest.py
 

@@ -3,6 +3,7 @@ reproducible and exports a loadable base, and the shipped base (configs/models/t
 task before any SFT."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -11,9 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from engine.cli import main as cli_main
+from engine.config import PretrainCorpusConfig
 from engine.data.synthetic import SyntheticTaskConfig, task_problems
 from engine.data.tokenizer import build_char_tokenizer
-from engine.pretrain import PretrainCorpusConfig, build_corpus, facts
+from engine.metrics import read_metrics
+from engine.pretrain import build_corpus, facts
 
 pytestmark = pytest.mark.usefixtures("trainer_env")  # tests/conftest.py
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +49,8 @@ def _pretrain(tmp_path, name):
     export = tmp_path / f"{name}-base"
     sets = [f"run.name={name}", f"run.output_dir={tmp_path}", "run.progress=false", "run.device=cpu",
             f"model.config={model}", "corpus.num_direct=300", "corpus.num_val=20", "corpus.fact_max_value=9",
-            "corpus.fact_repeats=2", "sft.steps=3", "sft.global_batch_size=8", "sft.val_every=3", "sft.checkpoint_every=0",
+            "corpus.fact_repeats=2", "sft.steps=4", "sft.warmup_steps=0", "sft.global_batch_size=8", "sft.val_every=4", "sft.checkpoint_every=0",
+            "run.log_every=1",
             f"export_dir={export}"]
     assert cli_main(["pretrain", str(ROOT / "configs" / "pretrain-tiny.yaml"), *[a for s in sets for a in ("--set", s)]]) == 0
     return export
@@ -62,24 +66,41 @@ def test_pretrain_command_is_reproducible_and_exports_a_loadable_base(tmp_path):
     assert len(rows) == 300 + 2 * len(facts(9))  # 300 direct answers (20 more held out) and two copies of each fact
     model = build_model(path=str(a), seed=0)
     assert sum(p.numel() for p in model.parameters()) == sum(v.numel() for v in wa.values())
+    # trained, not the seeded init exported: every tensor moved, and the training loss fell
+    init = build_model(config=str(tmp_path / "model.json"), seed=0).state_dict()
+    moved = [k for k in wa if not torch.equal(wa[k], init[k].to(wa[k].dtype))]
+    assert moved == list(wa), sorted(set(wa) - set(moved))
+    losses = [r["train/loss"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "train/loss" in r]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+
+
+@pytest.mark.skipif(os.environ.get("CEILING_REBUILD_BASE") != "1",
+                    reason="opt-in (about 4 min on 2 cores): CEILING_REBUILD_BASE=1 pytest tests/test_pretrain.py -k rebuilds")
+def test_the_pretrain_config_rebuilds_the_shipped_base(tmp_path):
+    """`ceiling pretrain configs/pretrain-tiny.yaml` gives configs/models/tiny-base's weights, as the README says."""
+    export = tmp_path / "tiny-base"
+    sets = [f"run.output_dir={tmp_path}", "run.progress=false", f"export_dir={export}"]
+    assert cli_main(["pretrain", str(ROOT / "configs" / "pretrain-tiny.yaml"), *[a for s in sets for a in ("--set", s)]]) == 0
+    built, shipped = load_file(export / "model.safetensors"), load_file(ROOT / "configs/models/tiny-base/model.safetensors")
+    assert built.keys() == shipped.keys()
+    assert all(torch.equal(built[k], shipped[k]) for k in built)
 
 
 def test_the_shipped_base_solves_part_of_the_task(tmp_path):
     """configs/models/tiny-base, as `ceiling pretrain configs/pretrain-tiny.yaml` wrote it: some correct direct
     answers at T=0.7 (the sweep measures it on the whole eval split), far from what SFT reaches."""
-    from engine.config import load_config
+    from engine.config import EvalConfig, PretrainJobConfig, load_config
     from engine.data.synthetic import generate_task, write_jsonl
     from engine.data.tokenizer import load_tokenizer
-    from engine.evaluate import evaluate_model
+    from engine.evaluate import Benchmark, evaluate
     from engine.models import build_model
-    from engine.pretrain import PretrainJobConfig
-
     job = load_config(ROOT / "configs" / "pretrain-tiny.yaml", PretrainJobConfig)
     base = ROOT / job.export_dir
     assert json.loads((base / "config.json").read_text())["hidden_size"] == 128
     path = write_jsonl(generate_task(job.corpus.task)["eval"][:80], tmp_path / "eval.jsonl")
-    model = build_model(path=str(base), seed=0)
-    model.config._attn_implementation = "sdpa"
-    result = evaluate_model(model.eval(), load_tokenizer("char"), {"eval": path}, samples=2, temperature=0.7,
-                            max_new_tokens=24, seed=0)
+    from engine.rollout.hf import HFRollout
+
+    tokenizer = load_tokenizer("char")
+    rollout = HFRollout(build_model(path=str(base), seed=0), tokenizer, "cpu")
+    result = evaluate(rollout, [Benchmark.load("eval", path, tokenizer)], EvalConfig(samples=2, max_new_tokens=24), seed=0)
     assert 2.0 <= result.scores["eval"] <= 35.0, result.scores

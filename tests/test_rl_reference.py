@@ -331,10 +331,9 @@ def test_upt_compute_is_eq26_with_gate_counts():
 def test_upt_trainer_packs_and_counts_only_what_the_gate_trains(tmp_path):
     """End to end (random tiny model: every rollout fails, so every prompt goes to SFT): only the expert
     trajectories reach the update, and the step's compute is Eq. 26 with N_on = 0, N_off = 1."""
-    from engine.config import DataConfig, ModelConfig, RunConfig
+    from engine.config import DataConfig, ModelConfig, RLConfig, RLJobConfig, RunConfig
     from engine.data.tokenizer import build_char_tokenizer
     from engine.metrics import read_metrics
-    from engine.rl.config import RLConfig, RLJobConfig
     from engine.rl.trainer import RLTrainer
 
     model = tmp_path / "model.json"
@@ -372,9 +371,8 @@ def test_upt_trainer_packs_and_counts_only_what_the_gate_trains(tmp_path):
 
 
 def test_loss_settings_follow_the_algorithm_unless_overridden():
+    from engine.config import RLConfig
     from engine.rl.algorithms import ALGORITHMS
-    from engine.rl.config import RLConfig
-
     s = LossSettings.for_run(RLConfig(algorithm="dapo_dc", temperature=0.7), ALGORITHMS["dapo_dc"])
     assert (s.eps_low, s.eps_high, s.clip_ratio_c, s.temperature) == (0.2, 0.28, 10.0, 0.7)
     s = LossSettings.for_run(RLConfig(algorithm="dapo_dc", clip_ratio_c=math.inf, eps_high=0.3), ALGORITHMS["dapo_dc"])

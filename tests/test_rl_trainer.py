@@ -5,15 +5,14 @@ import json
 import pytest
 import torch
 
-from engine.config import DataConfig, ModelConfig, RunConfig
+from engine.config import DataConfig, ModelConfig, RLConfig, RLJobConfig, RunConfig, SFTConfig, SFTJobConfig
 from engine.data.synthetic import SyntheticTaskConfig
 from engine.data.tokenizer import build_char_tokenizer
 from engine.distributed import destroy_distributed
 from engine.errors import DataError
 from engine.metrics import read_metrics
-from engine.rl.config import RLConfig, RLJobConfig
 from engine.rl.trainer import RLTrainer, run_rl
-from engine.sft.trainer import SFTConfig, SFTJobConfig, run_sft
+from engine.sft.trainer import run_sft
 
 TASK = dict(num_train=2000, num_val=16, num_rl=64, num_eval=8, min_ops=1, max_ops=3, max_digits=1, seed=3)
 
@@ -75,6 +74,11 @@ def test_algorithm_runs_end_to_end(tmp_path, sft_run, algorithm):
         if not r["rollout/skipped"]:
             assert r["train/loss"] is not None and r["train/grad_norm"] is not None
             assert 0 <= r["train/clip_frac_low"] <= 1 and r["train/entropy"] > 0
+            # rates as SFT's: tokens trained per second of the update; generated (response) tokens per rollout second
+            trained = r["compute/update_tokens"] + r["compute/expert_tokens"]
+            assert r["perf/tokens_per_s"] * r["time/update_s"] == pytest.approx(trained, rel=1e-3)
+        assert r["perf/rollout_tokens_per_s"] * r["time/rollout_s"] == pytest.approx(r["compute/new_tokens"], rel=1e-3)
+        assert 0 < r["compute/new_tokens"] < r["compute/gen_tokens"]  # prompts are not generated tokens
     assert any(not r["rollout/skipped"] for r in steps), "no step trained: the fixture model never answered right"
     evals = [r["eval/pass@1"] for r in records if "eval/pass@1" in r]
     assert len(evals) == 2 and all(0 <= p <= 1 for p in evals)  # before training and at the end

@@ -12,12 +12,12 @@ from functools import partial
 import pytest
 import torch
 
+from engine.config import RolloutConfig
 from engine.data.packing import collate_packed
 from engine.data.tokenizer import build_char_tokenizer
 from engine.losses import linear_policy_loss
 from engine.models import PackedCausalLM, build_model
 from engine.rollout.base import SamplingParams, check_weight_version
-from engine.rollout.config import RolloutConfig
 from engine.rollout.vllm import VLLMRollout, vllm_available
 from engine.rollout.weight_sync import WeightSyncError
 
@@ -188,50 +188,130 @@ def test_skipped_prefix_cache_reset_is_caught(setup, prompts):
     assert_logprobs_match(policy, outs)
 
 
-class CallLog:
-    """Records the engine calls the rollout makes and forwards them to the real engine, except sleep and
-    wake_up, which vLLM's CPU platform does not implement (recorded only)."""
+SLEEP_TAGS = frozenset(("weights", "kv_cache"))  # vllm/v1/executor/abstract.py
+
+
+class SleepModeEngine:
+    """The real CPU engine with vLLM's sleep mode modelled on top (vLLM's CPU platform has none).
+
+    The rules, as vLLM 0.32/0.33 implement them:
+      - `sleep(level)` (EngineCore.sleep): pauses the scheduler; level >= 1 puts SLEEP_TAGS to sleep
+        (Executor.sleep: `sleeping_tags |= SLEEP_TAGS`) and clears the prefix cache;
+      - `wake_up(tags)` (EngineCore.wake_up, Executor.wake_up): a tag that is not asleep is a warning and
+        wakes nothing; otherwise those tags (all with None) wake, and the scheduler resumes only when no
+        tag sleeps ("once all executor memory is resident again");
+      - nothing is scheduled while the scheduler is paused: LLM.generate's loop would wait forever, so here
+        it raises instead of hanging;
+      - weights asleep are unmapped (level 2 discards them): a worker RPC that reads or writes them
+        (reload_weights, fingerprints) would touch unmapped memory, so it raises too.
+    Every engine call is recorded in `calls` as (name, level / tags / rpc method)."""
 
     def __init__(self, llm):
         self.llm, self.calls = llm, []
+        self.sleeping_tags: set[str] = set()
+        self.paused = False
 
-    def __getattr__(self, name):
-        target = getattr(self.llm, name)
-        if name not in ("generate", "sleep", "wake_up", "collective_rpc", "reset_prefix_cache"):
-            return target
+    def sleep(self, level: int = 1, mode: str = "abort"):
+        self.calls.append(("sleep", level))
+        self.paused = True
+        if level >= 1:
+            self.llm.reset_prefix_cache()
+            if "weights" not in self.sleeping_tags:
+                self.sleeping_tags |= SLEEP_TAGS
 
-        def call(*args, **kwargs):
-            label = args[0] if name == "collective_rpc" else kwargs.get("level", kwargs.get("tags"))
-            self.calls.append((name, label))
-            if name in ("sleep", "wake_up"):
-                return None
-            return target(*args, **kwargs)
-        return call
+    def wake_up(self, tags: list[str] | None = None) -> bool:
+        self.calls.append(("wake_up", tags))
+        if tags is not None:
+            tags = [t for t in tags if t != "scheduling"]
+        if (tags is None or tags) and self.sleeping_tags and all(t in self.sleeping_tags for t in tags or ()):
+            self.sleeping_tags = set() if tags is None else self.sleeping_tags - set(tags)
+        if not self.sleeping_tags:
+            self.paused = False
+        return not self.sleeping_tags
+
+    def generate(self, *args, **kwargs):
+        self.calls.append(("generate", None))
+        if self.paused:
+            raise RuntimeError(f"vLLM would hang: generate while the scheduler is paused (asleep: "
+                               f"{sorted(self.sleeping_tags)})")
+        return self.llm.generate(*args, **kwargs)
+
+    def collective_rpc(self, method, *args, **kwargs):
+        self.calls.append(("collective_rpc", method))
+        if "weights" in self.sleeping_tags:
+            raise RuntimeError(f"collective_rpc({method!r}) on unmapped weights (asleep: {sorted(self.sleeping_tags)})")
+        return self.llm.collective_rpc(method, *args, **kwargs)
+
+    def reset_prefix_cache(self, *args, **kwargs):
+        self.calls.append(("reset_prefix_cache", None))
+        return self.llm.reset_prefix_cache(*args, **kwargs)
+
+    def __getattr__(self, name):  # llm_engine (weight versions), ...
+        return getattr(self.llm, name)
 
 
-def test_lifecycle_call_order(setup, prompts, monkeypatch):
+def test_sleep_mode_engine_follows_vllm_rules(setup, prompts):
+    """The stand-in itself: partial wakes keep the scheduler paused; a wrong tag wakes nothing."""
+    _, _, rollout, _ = setup
+    engine = SleepModeEngine(rollout._llm)
+    engine.sleep(level=2)
+    assert not engine.wake_up(tags=["weights"]) and engine.sleeping_tags == {"kv_cache"}
+    assert not engine.wake_up(tags=["weights"]) and engine.sleeping_tags == {"kv_cache"}  # not asleep: no-op
+    with pytest.raises(RuntimeError, match="would hang"):
+        engine.generate([], None)
+    assert engine.wake_up(tags=["kv_cache"]) and not engine.paused
+    engine.sleep(level=1)
+    with pytest.raises(RuntimeError, match="unmapped"):
+        engine.collective_rpc("ceiling_fingerprints")
+    assert engine.wake_up() and not engine.sleeping_tags and not engine.paused
+    engine.sleep(level=0)  # scheduling only
+    assert not engine.sleeping_tags and engine.wake_up(tags=["scheduling"]) and not engine.paused
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_sleep_sync_wake_never_schedules_while_asleep(setup, prompts, monkeypatch, level):
+    """Fails on the code before issue #21: its sync verified (the probe generates) with the KV cache asleep."""
     policy, optimizer, rollout, state = setup
-    log = CallLog(rollout._llm)
-    monkeypatch.setattr(rollout, "_llm", log)
-    monkeypatch.setattr(rollout, "sleep_level", 2)
+    engine = SleepModeEngine(rollout._llm)
+    monkeypatch.setattr(rollout, "_llm", engine)
+    monkeypatch.setattr(rollout, "sleep_level", level)
     params = SamplingParams(temperature=1.0, max_new_tokens=8, n=1, seed=1)
     outs = rollout.generate(prompts, params)
     rollout.sleep()
+    assert engine.sleeping_tags == SLEEP_TAGS
     with pytest.raises(RuntimeError, match="sleeps"):
         rollout.generate(prompts, params)
     train_step(policy, optimizer, [o for g in outs for o in g])
-    sync(rollout, policy, state)
+    sync(rollout, policy, state)  # the probe verified the new weights through the real engine
+    assert not engine.sleeping_tags and not engine.paused  # the sync leaves the engine awake
     rollout.wake()
-    rollout.generate(prompts, params)
-    assert log.calls == [
+    after = rollout.generate(prompts, params)
+    assert all(o.weight_version == state["version"] for g in after for o in g)
+    assert_logprobs_match(policy, after)
+    assert engine.calls == [
         ("generate", None),
-        ("sleep", 2),
-        ("wake_up", ["weights"]),  # weights back before they are overwritten...
+        ("sleep", level),
+        ("wake_up", ["weights"]),  # weights back before they are overwritten, the KV cache still asleep
         ("collective_rpc", "reload_weights"),
         ("collective_rpc", "ceiling_refresh_tied_heads"),
         ("reset_prefix_cache", None),
+        ("wake_up", ["kv_cache"]),  # ...then the KV cache, before anything is scheduled
         ("collective_rpc", "ceiling_fingerprints"),
-        ("generate", None), ("generate", None),  # the stale-prefix-cache probe
-        ("wake_up", ["kv_cache"]),  # ...the KV cache only after the sync
-        ("generate", None),
+        ("generate", None), ("generate", None),  # the stale-prefix-cache probe, engine fully awake
+        ("generate", None),  # wake() after the sync: nothing left to wake
     ]
+
+
+def test_sleep_then_wake_without_sync(setup, prompts, monkeypatch):
+    """A step that trains nothing sleeps and wakes without a sync: wake() wakes every tag."""
+    _, _, rollout, _ = setup
+    engine = SleepModeEngine(rollout._llm)
+    monkeypatch.setattr(rollout, "_llm", engine)
+    monkeypatch.setattr(rollout, "sleep_level", 2)
+    rollout.sleep()
+    with pytest.raises(RuntimeError, match="awake"):
+        rollout.verify({})  # the probe refuses to run on a sleeping engine instead of hanging it
+    rollout.wake()
+    assert not engine.sleeping_tags and not engine.paused
+    rollout.generate(prompts[:1], SamplingParams(temperature=0.0, max_new_tokens=4, n=1))
+    assert engine.calls[-2:] == [("wake_up", None), ("generate", None)]

@@ -3,10 +3,9 @@ every update (versions 1, 2, ...), every rollout and evaluation checked against 
 
 import pytest
 
-from engine.config import DataConfig, ModelConfig, RunConfig
+from engine.config import DataConfig, ModelConfig, RLConfig, RLJobConfig, RunConfig
 from engine.data.synthetic import SyntheticTaskConfig
 from engine.metrics import read_metrics
-from engine.rl.config import RLConfig, RLJobConfig
 from engine.rl.trainer import RLTrainer
 from engine.rollout import RolloutConfig
 from engine.rollout.vllm import VLLMRollout, vllm_available

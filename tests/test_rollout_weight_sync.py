@@ -1,19 +1,28 @@
 """Weight sync without vLLM: bucketed gathering from FSDP2, HF names, fingerprints, the HF backend's sync,
-the version guard, the rollout config, and the vLLM version range."""
+the version guard, the rollout config, and the vLLM version range; on two gloo ranks, the gather's dtype and
+the KL reference streamed from the sharded policy (issue #21)."""
+
+import math
+import os
+import socket
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.config import load_config
 from engine.data.tokenizer import build_char_tokenizer
 from engine.errors import ConfigError
 from engine.models import PackedCausalLM, build_model
-from engine.rollout import RolloutConfig, SamplingParams, WeightSyncError, check_weight_version
+from engine.rollout import RolloutConfig, SamplingParams, check_weight_version
 from engine.rollout.base import sample_seed
 from engine.rollout.hf import HFRollout
 from engine.rollout.weight_sync import (
     Fingerprint,
+    WeightSyncError,
     compare_fingerprints,
+    copy_full_weights,
     engine_name,
     fingerprint_bucket,
     hf_name,
@@ -110,8 +119,7 @@ def test_sample_seeds_are_distinct_and_stable():
 
 
 def test_rollout_config_section():
-    from engine.rl.config import RLJobConfig
-
+    from engine.config import RLJobConfig
     job = load_config("configs/rl-tiny.yaml", RLJobConfig, ["rollout.backend=vllm", "rollout.bucket_mib=64"])
     assert job.rollout.backend == "vllm" and job.rollout.bucket_bytes == 64 << 20
     assert load_config("configs/rl-tiny.yaml", RLJobConfig).rollout.backend == "hf"
@@ -133,3 +141,133 @@ def test_vllm_version_range_is_enforced(monkeypatch):
     monkeypatch.setattr(vllm, "__version__", "0.10.2")
     with pytest.raises(RuntimeError, match=r"vLLM 0\.10\.2 is not supported"):
         require_vllm()
+
+
+def test_copy_full_weights_fills_every_parameter_or_says_what_is_missing(fsdp_policy):
+    reference = build_model(config=TINY, dtype=torch.float16, seed=0)
+    copy_full_weights(fsdp_policy, reference, 64 << 10)
+    policy = {hf_name(n): p.full_tensor() for n, p in fsdp_policy.named_parameters()}
+    for name, p in reference.named_parameters():
+        assert p.dtype == torch.float16 and torch.equal(p, policy[name].to(torch.float16)), name
+    bigger = build_model(config=TINY, dtype=torch.float32, seed=0)
+    bigger.register_parameter("extra", torch.nn.Parameter(torch.zeros(2)))
+    with pytest.raises(WeightSyncError, match="the model has no extra"):
+        copy_full_weights(fsdp_policy, bigger, 64 << 10)
+    smaller = build_model(config=TINY, dtype=torch.float32, seed=0)
+    del smaller.model.norm
+    with pytest.raises(WeightSyncError, match="model.norm.weight has no counterpart"):
+        copy_full_weights(fsdp_policy, smaller, 64 << 10)
+
+
+# ---------------------------------------------------------------------------------------------- two ranks
+
+
+class GatherLedger(TorchDispatchMode):
+    """Every all-gather (`_c10d_functional.all_gather_into_tensor`, what DTensor redistributes and full_tensor()
+    run): its dtype, and the bytes gathered but not yet copied anywhere (`aten.copy_` from the gathered storage),
+    at their peak: what the ranks hold at once beyond the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+        self.pending: dict[int, int] = {}
+        self.peak = 0
+        self.gathers = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops._c10d_functional.all_gather_into_tensor.default:
+            self.gathers += 1
+            self.dtypes.add(out.dtype)
+            self.pending[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
+            self.peak = max(self.peak, sum(self.pending.values()))
+        elif func is torch.ops.aten.copy_.default and self.pending:
+            try:
+                self.pending.pop(args[1].untyped_storage().data_ptr(), None)
+            except RuntimeError:  # a source without storage (DCP's lazily read tensors): not a gathered one
+                pass
+        return out
+
+
+def _rl_job(root, init_checkpoint):
+    from engine.config import DataConfig, ModelConfig, RLConfig, RLJobConfig, RunConfig
+    from engine.data.synthetic import SyntheticTaskConfig
+
+    return RLJobConfig(
+        run=RunConfig(name="rl", output_dir=str(root), progress=False, device="cpu"),
+        model=ModelConfig(config=TINY, tokenizer="char"),
+        data=DataConfig(synthetic=SyntheticTaskConfig(num_train=16, num_val=4, num_rl=8, num_eval=4, seed=3)),
+        rl=RLConfig(algorithm="grpo", init_checkpoint=str(init_checkpoint), kl_coef=0.1, steps=1, train_batch=2,
+                    gen_batch=2, n_samples=2, max_prompt_len=96, max_new_tokens=8, eval_every=0),
+        rollout=RolloutConfig(bucket_mib=1))
+
+
+def _two_rank_worker(rank, port, root, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.pop("TRITON_INTERPRET", None)
+    from engine.checkpoint import save_checkpoint
+    from engine.distributed import apply_fsdp, destroy_distributed, init_distributed
+    from engine.rl.trainer import RLTrainer
+
+    info = init_distributed("cpu")
+    try:
+        policy = PackedCausalLM(build_model(config=TINY, dtype=torch.float32, seed=5))
+        apply_fsdp(policy, policy.layers, param_dtype=torch.float32, device=info.device,
+                   activation_checkpointing=True)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(0.01)
+        # 1. rollout buckets: gathered in the rollout dtype, equal to gathering fp32 and casting (the old path)
+        with GatherLedger() as ledger:
+            buckets = list(iter_weight_buckets(policy, 64 << 10, dtype=torch.bfloat16))
+        full = {hf_name(n): p.full_tensor() for n, p in policy.named_parameters()}
+        sent = [(n, t) for b in buckets for n, t in b]
+        assert [n for n, _ in sent] == list(full) and ledger.gathers >= len(sent)
+        assert all(t.dtype == torch.bfloat16 and torch.equal(t, full[n].to(torch.bfloat16)) for n, t in sent)
+        out[rank, "bucket_gather_dtypes"] = sorted(str(d) for d in ledger.dtypes)
+        # 2. the KL reference of an RL run that starts from a checkpoint: streamed, never a full copy at once
+        opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+        save_checkpoint(f"{root}/init", 1, policy, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), {})
+        job = _rl_job(root, f"{root}/init/step_00000001")
+        with GatherLedger() as ledger:
+            trainer = RLTrainer(job)
+        ref = dict(trainer.reference.hf.named_parameters())
+        assert sorted(ref) == sorted(full)
+        assert all(torch.equal(ref[n], t.to(ref[n].dtype)) for n, t in full.items())  # the checkpoint's weights
+        out[rank, "reference"] = dict(peak=ledger.peak, bucket=job.rollout.bucket_bytes,
+                                      largest=max(t.numel() * ref[n].element_size() for n, t in full.items()),
+                                      model=sum(t.numel() * t.element_size() for t in full.values()))
+        metrics = trainer.train_step()  # and one RL step with the KL term on both ranks (RLTrainer._update)
+        out[rank, "step"] = {k: float(metrics[k]) for k in ("train/loss", "train/kl", "train/entropy")}
+    finally:
+        destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_two_rank_worker, args=(port, str(tmp_path_factory.mktemp("two")), out), nprocs=2)
+    return dict(out)
+
+
+@pytest.mark.slow
+def test_buckets_are_gathered_in_the_rollout_dtype(two_ranks):
+    """Fails on the code before issue #21: every parameter was all-gathered in fp32 and cast to bf16 after,
+    twice the bytes on the wire. Values equal that old path's (checked in the workers)."""
+    for rank in (0, 1):
+        assert two_ranks[rank, "bucket_gather_dtypes"] == ["torch.bfloat16"]
+
+
+@pytest.mark.slow
+def test_kl_reference_is_streamed_not_materialised(two_ranks):
+    """Fails on the code before issue #21: `full_hf_state_dict(self.model)` all-gathered the whole policy in fp32
+    on every rank before the reference took any of it (30 GB at 7B, beside vLLM). Now at most one bucket (plus
+    the tensor that closes it) is gathered and not yet copied into the reference."""
+    for rank in (0, 1):
+        r = two_ranks[rank, "reference"]
+        assert r["peak"] <= r["bucket"] + r["largest"] < r["model"], r
+        step = two_ranks[rank, "step"]
+        assert all(math.isfinite(v) for v in step.values()) and step["train/kl"] >= 0 and step["train/entropy"] > 0

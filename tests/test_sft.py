@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from engine.config import DataConfig, ModelConfig, RunConfig
+from engine.config import DataConfig, ModelConfig, RunConfig, SFTConfig, SFTJobConfig
 from engine.data.synthetic import SyntheticTaskConfig
 from engine.data.tokenizer import build_char_tokenizer
 from engine.distributed import destroy_distributed
 from engine.metrics import read_metrics
-from engine.sft.trainer import SFTConfig, SFTJobConfig, SFTTrainer, run_sft
+from engine.sft.trainer import SFTTrainer, run_sft
 from engine.training import NonFiniteError
 
 
@@ -151,8 +151,7 @@ def test_two_ranks_match_one_rank_and_reshard_on_resume(tmp_path):
 @pytest.mark.slow
 def test_fsdp_options_keep_the_losses(tmp_path):
     """Selective AC (every 2nd layer), no reshard after forward, a reduce-scatter per micro-batch: same run."""
-    from engine.distributed import FSDPConfig
-
+    from engine.config import FSDPConfig
     def losses(name, **fsdp):
         cfg = job(tmp_path, name=name, steps=2, val_every=0, checkpoint_every=0, micro_batch_tokens=200)
         cfg.fsdp = FSDPConfig(**fsdp)

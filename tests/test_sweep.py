@@ -10,21 +10,22 @@ import pytest
 
 from engine.analysis import load_scene
 from engine.cli import main as cli_main
-from engine.config import DataConfig, ModelConfig, RunConfig, dump_config
+from engine.config import (
+    DataConfig,
+    ModelConfig,
+    RLConfig,
+    RunConfig,
+    SceneSpec,
+    SFTConfig,
+    SweepConfig,
+    SweepJobConfig,
+    dump_config,
+)
 from engine.data.synthetic import SyntheticTaskConfig
 from engine.data.tokenizer import build_char_tokenizer
 from engine.errors import ConfigError
-from engine.rl.config import RLConfig
-from engine.sft.trainer import SFTConfig
-from engine.sweep import (
-    SceneSpec,
-    Sweep,
-    SweepConfig,
-    SweepJobConfig,
-    select_branches,
-    select_branches_by_subphase,
-)
-from engine.sweep_cli import item_command
+from engine.sweep.cli import item_command
+from engine.sweep.items import Sweep, select_branches, select_branches_by_subphase
 
 pytestmark = pytest.mark.usefixtures("trainer_env")  # tests/conftest.py
 

@@ -1,5 +1,5 @@
-"""Sweep workers (engine/sweep_worker.py): the lock protocol, stale takeover, concurrent workers with one killed
-mid-item, and the sbatch script (engine/slurm.py).
+"""Sweep workers (engine/sweep/worker.py): the lock protocol, stale takeover, concurrent workers with one killed
+mid-item, and the sbatch script (engine/sweep/slurm.py).
 
 The multi-worker tests run real worker processes (`Worker` + `LaunchedItem`, items as child processes with the
 lock watchdog) on a sweep-shaped plan whose items only sleep and log, so they take seconds; the real
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from engine.errors import CeilingError
-from engine.slurm import SlurmSpec, sbatch_script, write_sbatch
-from engine.sweep_worker import Item, RunDir, Worker
+from engine.sweep.slurm import SlurmSpec, sbatch_script, write_sbatch
+from engine.sweep.worker import Item, RunDir, Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HARNESS = r"""
 import json, sys
 from pathlib import Path
-from engine.sweep_worker import Item, LaunchedItem, RunDir, Worker
+from engine.sweep.worker import Item, LaunchedItem, RunDir, Worker
 
 root, log, item_seconds = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 rundir = RunDir(root, stale_after=30.0)
@@ -43,7 +43,7 @@ def command(item, record):
 
 CHILD = '''
 import json, os, sys, time
-from engine.sweep_worker import WORKER_ENV, start_lock_watchdog
+from engine.sweep.worker import WORKER_ENV, start_lock_watchdog
 start_lock_watchdog(0.05)
 name, record, log, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 worker = os.environ[WORKER_ENV].split(":")[0]
@@ -171,7 +171,7 @@ def test_one_taker_wins_a_stale_lock(tmp_path, monkeypatch):
         real_rename(src, dst)
         time.sleep(0.005)
 
-    monkeypatch.setattr("engine.sweep_worker.os.rename", slow_rename)
+    monkeypatch.setattr("engine.sweep.worker.os.rename", slow_rename)
     names = [f"s/rl/{i}" for i in range(12)]
     rd = RunDir(tmp_path, stale_after=60)
     for name in names:

@@ -82,10 +82,25 @@ def test_bad_rows_and_damaged_stores_fail_clearly(tok, task, tmp_path):
 
 
 def test_memory_per_sample_is_constant(tmp_path):
-    """What a rank keeps resident is 16 bytes per sample (offsets, lengths, loss counts), not its tokens."""
+    """What a rank keeps resident after opening a store is 16 bytes per sample (offsets, lengths, loss counts),
+    not its tokens or masks: measured with tracemalloc (numpy reports its buffers to it), so a store that read
+    tokens.i32 or mask.u8 into memory would fail here."""
+    import tracemalloc
+
     rng = np.random.default_rng(0)
-    samples = [(rng.integers(0, 1000, n).tolist(), [0] * 3 + [1] * (n - 3)) for n in rng.integers(8, 400, 300)]
-    store = TokenStore(write_token_store(tmp_path / "s", samples))
-    resident = store.offsets_N1.nbytes + store.lengths_N.nbytes + store.loss_tokens_N.nbytes
-    assert resident == 16 * len(samples) + 8
-    assert store.meta["num_tokens"] == sum(len(s[0]) for s in samples)
+    samples = [(rng.integers(0, 1000, n).tolist(), [0] * 3 + [1] * (n - 3)) for n in rng.integers(8, 400, 3000)]
+    path = write_token_store(tmp_path / "s", samples)
+    num_tokens = sum(len(s[0]) for s in samples)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        store = TokenStore(path)
+        for i in range(0, len(store), 97):  # reading samples keeps nothing either
+            store.sample(i)
+        resident = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert store.meta["num_tokens"] == num_tokens
+    per_sample = 16 * len(samples) + 8
+    assert resident < per_sample + 64 * 1024, (resident, per_sample)  # a few small objects beyond the arrays
+    assert resident < num_tokens  # a resident mask.u8 alone is num_tokens bytes, tokens.i32 four times that

@@ -135,10 +135,8 @@ def test_two_ranks_build_the_same_store_and_share_failures(tok, files, tmp_path)
 
 
 def test_tokenize_workers_is_validated():
-    from engine.config import load_config
+    from engine.config import SFTJobConfig, load_config
     from engine.errors import ConfigError
-    from engine.sft.trainer import SFTJobConfig
-
     assert load_config(None, SFTJobConfig, ["data.tokenize_workers=4"]).data.tokenize_workers == 4
     with pytest.raises(ConfigError, match="data.tokenize_workers must be >= 1, got 0"):
         load_config(None, SFTJobConfig, ["data.tokenize_workers=0"])

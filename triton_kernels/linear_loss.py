@@ -30,11 +30,13 @@ all T rows in fixed-size chunks with ignored rows zeroed: no sync, but GEMM work
      Ez from z / tau in one read of z.
   3. `terms.token_grads` (torch on [C] vectors): c_t, e_t.
   4. `_grad_logits_kernel` (Triton, one program per row, V tiles in order): G, written IN PLACE over z
-     (bf16 G over the fp32 buffer: tile k writes bytes the sweep has already read), so no second buffer.
+     (bf16 G over the fp32 buffer: tile k writes bytes the sweep has already read, ordered across warps by
+     a few CTA barriers per row; see the kernel), so no second buffer.
   5. GEMM: grad_h[rows] = G @ W (fp32 output, scattered to the rows).
   6. GEMM: grad_W += G^T @ h_C, accumulated in an fp32 buffer through cuBLAS's epilogue
      (`addmm(..., out_dtype=float32)`): grad_W is read and written once per chunk, and rounded to the
-     weight dtype exactly once, in backward. `grad_weight_accum="weight"` accumulates in the weight dtype
+     weight dtype exactly once, in backward. (CUDA torch 2.8 / 2.9 lack that addmm: an fp32 [V, H]
+     temporary from `mm(..., out_dtype=float32)`, then `add_`.) `grad_weight_accum="weight"` accumulates in the weight dtype
      instead (saves V*H*2 bytes for bf16; one bf16 rounding per chunk: relative error <= n_chunks * 2^-8
      elementwise in the worst case, about sqrt(n_chunks) * 2^-9 rms; tested).
 
@@ -86,16 +88,20 @@ import triton.language as tl
 
 def _row_stats_kernel(z_ptr, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, ez_ptr, V, stride_z, inv_t,
                       BLOCK_V: tl.constexpr):
-    """One row: online max / sum exp / sum exp*z over V tiles of z / tau, then lse, logp, entropy, Ez."""
+    """One row: online max / sum exp / sum exp*z over V tiles of z / tau, then lse, logp, entropy, Ez.
+
+    The loop-carried statistics take the outputs' dtype (fp32, fp64 for fp64 inputs: `row_stats_triton`):
+    a literal start (`m = float("-inf")`) is fp32, and Triton rejects a loop variable that turns fp64."""
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
-    m = float("-inf")
-    s = 0.0
-    sz = 0.0
+    acc_ty = lse_ptr.dtype.element_ty
+    m = tl.full((), float("-inf"), acc_ty)
+    s = tl.zeros((), acc_ty)
+    sz = tl.zeros((), acc_ty)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = cols < V
-        z = tl.load(z_row + cols, mask=mask, other=float("-inf")) * inv_t
+        z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(acc_ty) * inv_t
         m_new = tl.maximum(m, tl.max(z, axis=0))
         alpha = tl.exp(m - m_new)
         e = tl.exp(z - m_new)
@@ -105,7 +111,7 @@ def _row_stats_kernel(z_ptr, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, ez_ptr, V, str
     lse = m + tl.log(s)
     ez = sz / s
     tgt = tl.load(tgt_ptr + row).to(tl.int64)
-    zt = tl.load(z_row + tgt) * inv_t
+    zt = tl.load(z_row + tgt).to(acc_ty) * inv_t
     tl.store(lse_ptr + row, lse)
     tl.store(logp_ptr + row, zt - lse)
     tl.store(ent_ptr + row, lse - ez)
@@ -113,8 +119,24 @@ def _row_stats_kernel(z_ptr, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, ez_ptr, V, str
 
 
 def _grad_logits_kernel(z_ptr, g_ptr, tgt_ptr, lse_ptr, ez_ptr, c_ptr, e_ptr, V, stride_z, stride_g, inv_t,
-                        HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One row: G = (c (onehot - p) - e p (z - Ez)) / tau, V tiles in order (G may overwrite z in place)."""
+                        HAS_ENTROPY: tl.constexpr, HALF_IN_PLACE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One row: G = (c (onehot - p) - e p (z - Ez)) / tau, V tiles k = 0, 1, ... in order.
+
+    HALF_IN_PLACE: G is a half-width view over the same bytes as z (bf16 G over the fp32 logits, row for
+    row: g_row starts at z_row's address, stride_g = 2 stride_z). Each tile's load and store are spread over
+    all warps, and G tile k (bf16 columns [kB, (k+1)B), B = BLOCK_V) lands on the bytes of fp32 columns
+    [kB/2, (k+1)B/2), which other threads load in tile floor(k/2): in the same iteration for k = 0, earlier
+    ones after. Warps are not in lockstep, so one warp's stores could overwrite logits another warp has
+    not loaded yet (the same hazard for any k, should a warp fall ceil(k/2) tiles behind). Order: a CTA
+    barrier after tile j's loads and before its stores makes every thread's loads of tiles <= j complete
+    before any thread stores tile j or later. Barriers at j = 0, 1, 2, 4, 8, ... suffice: the last one
+    before G tile k is at j = 0 (k = 0) or at the largest power of two <= k, which is > k / 2 >= floor(k/2).
+    About log2(V / B) + 2 barriers per row (7 at V = 152064, B = 4096) instead of one per tile. No later
+    tile reads what tile k wrote (tile k' reads fp32 bytes [4k'B, 4(k'+1)B), disjoint from [2kB, 2(k+1)B)
+    for k' > floor(k/2)), and rows never share bytes. Without HALF_IN_PLACE (G in its own buffer, or fp32 G
+    over fp32 z: each element stored by the thread that loaded it) there is nothing to order.
+    tests/test_kernels_aot.py checks the barrier in the compiled PTX.
+    """
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     g_row = g_ptr + row * stride_g
@@ -132,6 +154,10 @@ def _grad_logits_kernel(z_ptr, g_ptr, tgt_ptr, lse_ptr, ez_ptr, c_ptr, e_ptr, V,
         g = tl.where(cols == tgt, c, 0.0) - c * p
         if HAS_ENTROPY:
             g -= e * p * (z - ez)
+        if HALF_IN_PLACE:
+            k = v0 // BLOCK_V
+            if (k & (k - 1)) == 0:  # k = 0, 1, 2, 4, 8, ...: see the docstring
+                tl.debug_barrier()
         tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
@@ -157,25 +183,45 @@ def _block_v(V: int) -> int:
     return min(cap, triton.next_power_of_2(max(V, 16)))
 
 
+def _num_warps() -> int:
+    """Warps per row program: 8 on GPU (256 threads, 16 fp32 per thread per 4096-wide tile), 1 interpreted."""
+    return 1 if _interpreting() else 8
+
+
 def row_stats_triton(z_CV, tgt_C, inv_t, block_v=None):
-    """(lse, logp, entropy, Ez) per row of z_CV / tau, fp32 [C] each."""
+    """(lse, logp, entropy, Ez) per row of z_CV / tau, [C] each: fp64 for fp64 z, fp32 otherwise."""
     C, V = z_CV.shape
-    out = torch.empty((4, C), dtype=z_CV.dtype, device=z_CV.device)
+    out = torch.empty((4, C), dtype=torch.float64 if z_CV.dtype == torch.float64 else torch.float32,
+                      device=z_CV.device)
     if C:
         bv = block_v or _block_v(V)
         _jit(_row_stats_kernel)[(C,)](z_CV, tgt_C, out[0], out[1], out[2], out[3], V, z_CV.stride(0), inv_t,
-                                BLOCK_V=bv, num_warps=1 if _interpreting() else 8)
+                                      BLOCK_V=bv, num_warps=_num_warps())
     return out[0], out[1], out[2], out[3]
 
 
+def _half_in_place(z_CV, g_CV) -> bool:
+    """Whether g_CV is a narrower view over z_CV's bytes (the driver's bf16 G over fp32 logits), which
+    `_grad_logits_kernel` must order (HALF_IN_PLACE). Other overlaps are outside its argument: refused."""
+    if g_CV.untyped_storage().data_ptr() != z_CV.untyped_storage().data_ptr():
+        return False
+    if g_CV.dtype == z_CV.dtype and g_CV.data_ptr() == z_CV.data_ptr() and g_CV.stride() == z_CV.stride():
+        return False  # same element, same thread: nothing to order
+    if (g_CV.data_ptr() == z_CV.data_ptr() and 2 * g_CV.element_size() == z_CV.element_size()
+            and g_CV.stride(0) == 2 * z_CV.stride(0) and g_CV.stride(1) == z_CV.stride(1) == 1):
+        return True
+    raise ValueError("grad_logits: g_CV overlaps z_CV other than in place or as its half-width view")
+
+
 def grad_logits_triton(z_CV, g_CV, tgt_C, lse_C, ez_C, c_C, e_C, inv_t, block_v=None):
-    """Write G (see the module docstring) into g_CV, which may alias z_CV (in place)."""
+    """Write G (see the module docstring) into g_CV, which may be z_CV itself or its half-width view."""
     C, V = z_CV.shape
     if C:
         bv = block_v or _block_v(V)
         _jit(_grad_logits_kernel)[(C,)](z_CV, g_CV, tgt_C, lse_C, ez_C, c_C, c_C if e_C is None else e_C, V,
-                                  z_CV.stride(0), g_CV.stride(0), inv_t, HAS_ENTROPY=e_C is not None,
-                                  BLOCK_V=bv, num_warps=1 if _interpreting() else 8)
+                                        z_CV.stride(0), g_CV.stride(0), inv_t, HAS_ENTROPY=e_C is not None,
+                                        HALF_IN_PLACE=_half_in_place(z_CV, g_CV), BLOCK_V=bv,
+                                        num_warps=_num_warps())
 
 
 def row_stats_torch(z_CV, tgt_C, inv_t, block_v=None):
@@ -209,30 +255,54 @@ GEMM_MODES = ("auto", "fp32_out", "bf16_out", "upcast")
 # the Cube unit, which accumulates fp16 / bf16 products in fp32 and rounds the output once). Never run here:
 # no NPU in this project's CI; the choice itself is tested (tests/test_linear_loss_mask.py).
 _BF16_OUT_DEVICE_TYPES = ("npu",)
-_OUT_DTYPE_OK: dict[str, bool] = {}
+# Per device type: (mm, addmm) with bf16 operands and fp32 output run (probed once per process; tests set it).
+_FP32_OUT_OK: dict[str, tuple[bool, bool]] = {}
+
+
+def _probe_fp32_out(device: torch.device) -> tuple[bool, bool]:
+    """Run the exact calls of `_mm_fp32_out` / `_addmm_fp32_out` once on 2 x 2 tensors, each on its own.
+
+    CUDA: `torch.mm(bf16, bf16, out_dtype=float32)` since torch 2.8 (pytorch PR #150812); `torch.addmm` with
+    that out_dtype and an fp32 `self` (the accumulator) only since torch 2.10 (PR #167931): on 2.8 / 2.9 the
+    mm runs and the addmm does not. Ascend: CANN's aclnnMm / aclnnAddmm accept bf16 operands with a fp32
+    output on Atlas A2/A3 ("16in32out", cann/ops-nn PR 5481), but torch_npu does not document a route from
+    torch.mm's out_dtype to it, so the probe decides. CPU has no kernel for mm.dtype_out (torch 2.13): (False,
+    False). Each result is read once on the host (one sync per process and device type, never per step).
+    """
+    a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+    acc = torch.zeros(2, 2, dtype=torch.float32, device=device)
+    try:
+        torch.mm(a, a, out_dtype=torch.float32, out=acc)
+        mm_ok = bool((acc == 2).all())
+    except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
+        mm_ok = False
+    try:
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        addmm_ok = mm_ok and bool((acc == 4).all())
+    except (RuntimeError, TypeError):
+        addmm_ok = False
+    if device.type == "cuda" and not mm_ok:
+        warnings.warn("torch.mm(bf16, bf16, out_dtype=float32) is unavailable: the fused loss upcasts its GEMM "
+                      "operands to fp32 (correct, several times slower, a fp32 copy of the weight); it needs "
+                      f"torch >= 2.8 (this is {torch.__version__})", stacklevel=4)
+    elif device.type == "cuda" and not addmm_ok:
+        warnings.warn("torch.addmm(fp32, bf16, bf16, out_dtype=float32) is unavailable: the fused loss adds each "
+                      "chunk's grad_W through a fp32 [V, H] temporary (torch.mm with fp32 output, then add_; "
+                      f"V*H*4 more transient bytes); fused in the GEMM epilogue from torch 2.10 (this is "
+                      f"{torch.__version__})", stacklevel=4)
+    return mm_ok, addmm_ok
+
+
+def _fp32_out_gemms(device: torch.device) -> tuple[bool, bool]:
+    """(mm, addmm): whether each bf16 x bf16 -> fp32 GEMM runs on this device type (see `_probe_fp32_out`)."""
+    if device.type not in _FP32_OUT_OK:
+        _FP32_OUT_OK[device.type] = _probe_fp32_out(device)
+    return _FP32_OUT_OK[device.type]
 
 
 def _fp32_out_gemm_available(device: torch.device) -> bool:
-    """Whether torch.mm(bf16, bf16, out_dtype=float32) runs on this device type (probed once per process).
-
-    CUDA: torch >= 2.8. Ascend: CANN's aclnnMm / aclnnAddmm accept bf16 operands with a fp32 output on Atlas
-    A2/A3 ("16in32out", cann/ops-nn PR 5481), but torch_npu does not document a route from torch.mm's
-    out_dtype to it, so the probe decides; CPU has no kernel for mm.dtype_out. The probe reads its result
-    once on the host (one sync per process and device type, never per step).
-    """
-    if device.type not in _OUT_DTYPE_OK:
-        try:  # the exact calls _mm_acc / _addmm_acc make
-            a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
-            acc = torch.zeros(2, 2, dtype=torch.float32, device=device)
-            torch.mm(a, a, out_dtype=torch.float32, out=acc)
-            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-            _OUT_DTYPE_OK[device.type] = bool((acc == 4).all())
-        except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
-            _OUT_DTYPE_OK[device.type] = False
-            if device.type == "cuda":
-                warnings.warn("torch.mm(..., out_dtype=float32) is unavailable: the fused loss upcasts its GEMM "
-                              "operands to fp32 (correct, slower); use torch >= 2.8", stacklevel=3)
-    return _OUT_DTYPE_OK[device.type]
+    """Whether the fp32-output GEMM path ("fp32_out") is available: it needs torch.mm's; addmm's is optional."""
+    return _fp32_out_gemms(device)[0]
 
 
 def choose_gemm(dtype: torch.dtype, device_type: str, fp32_out_ok: bool, gemm: str = "auto") -> str:
@@ -255,7 +325,8 @@ def gemm_plan(dtype: torch.dtype, device: torch.device, gemm: str = "auto") -> t
     """(operand dtype of the three GEMMs, whether they write fp32 output directly).
 
     "fp32_out": bf16 operands, fp32 accumulation and output (cuBLAS through `torch.mm(..., out_dtype=float32)`;
-      the logits are never rounded to bf16). Chosen by "auto" wherever the probe finds it (CUDA).
+      the logits are never rounded to bf16). Chosen by "auto" wherever the probe finds torch.mm's (CUDA
+      torch >= 2.8); grad_W's accumulation uses addmm's where it runs too (torch >= 2.10), else mm + add_.
     "bf16_out": bf16 operands, fp32 accumulation inside the backend, bf16 output widened to fp32: the logits
       and grad_h rows are rounded to bf16 once (what eager `lm_head(h).float()` does), and with
       grad_weight_accum="fp32" each chunk's grad_W goes through a [V, H] bf16 temporary before the fp32 sum.
@@ -273,21 +344,43 @@ def gemm_plan(dtype: torch.dtype, device: torch.device, gemm: str = "auto") -> t
     return torch.bfloat16, mode == "fp32_out"
 
 
+def _mm_fp32_out(a, b, out):
+    """out = a @ b: bf16 operands, fp32 accumulation and output (cuBLAS through `out_dtype`).
+
+    The CPU has no such kernel: there the operands are widened to fp32 per call and multiplied in fp32. bf16 ->
+    fp32 is exact and so is every bf16 x bf16 product in fp32, so this is the same numerics up to summation
+    order, and CPU tests run the CUDA path by setting the probe result (`_FP32_OUT_OK`; "auto" never picks it
+    on CPU, whose probe finds nothing)."""
+    if a.device.type == "cpu":
+        return torch.mm(a.float(), b.float(), out=out)
+    return torch.mm(a, b, out_dtype=out.dtype, out=out)
+
+
+def _addmm_fp32_out(acc, a, b, fused=True):
+    """acc += a @ b with bf16 operands into the fp32 acc: in the GEMM's epilogue when `fused` (acc read and
+    written once), else (CUDA torch < 2.10: no addmm with an fp32 self) through an fp32 temporary."""
+    if not fused:
+        return acc.add_(_mm_fp32_out(a, b, torch.empty_like(acc)))
+    if a.device.type == "cpu":  # as in _mm_fp32_out
+        return acc.addmm_(a.float(), b.float())
+    return torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+
+
 def _mm_acc(a, b, out, fp32_out=True):
     """out = a @ b with out's (fp32 / fp64) output dtype."""
     if a.dtype == out.dtype:
         return torch.mm(a, b, out=out)
     if fp32_out:
-        return torch.mm(a, b, out_dtype=out.dtype, out=out)  # CUDA: bf16 operands, fp32 output
+        return _mm_fp32_out(a, b, out)
     return out.copy_(torch.mm(a, b))  # bf16 output (fp32 accumulation in the backend), widened
 
 
-def _addmm_acc(acc, a, b, fp32_out=True):
-    """acc += a @ b; with fp32 output in the GEMM's epilogue (acc read and written once)."""
+def _addmm_acc(acc, a, b, fp32_out=True, fused=True):
+    """acc += a @ b; with fp32 output, in the GEMM's epilogue where addmm has it (`fused`)."""
     if a.dtype == acc.dtype:
         return acc.addmm_(a, b)
     if fp32_out:
-        return torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        return _addmm_fp32_out(acc, a, b, fused)
     return acc.add_(torch.mm(a, b))  # "bf16_out": a bf16 [V, H] temporary per chunk
 
 
@@ -374,6 +467,7 @@ def linear_loss_forward(hidden_TH, weight_VH, targets_T, valid_T, terms, *, grad
     inv_t = 1.0 / float(temperature)
     masked = resolve_compact(compact, dev.type) == "mask"
     gdt, fp32_out = gemm_plan(hidden_TH.dtype, dev, gemm)
+    fused_addmm = not (fp32_out and gdt == torch.bfloat16) or _fp32_out_gemms(dev)[1]
     fdt = torch.float64 if gdt == torch.float64 else torch.float32  # logits, statistics, accumulators
     valid_T = valid_T.to(torch.bool)
     if masked:
@@ -426,7 +520,7 @@ def linear_loss_forward(hidden_TH, weight_VH, targets_T, valid_T, terms, *, grad
         elif grad_hidden:
             grad_h.index_copy_(0, rows, _mm_acc(g, w, torch.empty((n, H), dtype=fdt, device=dev), fp32_out))
         if grad_weight:
-            _addmm_acc(grad_w, g.T, h_C, fp32_out)
+            _addmm_acc(grad_w, g.T, h_C, fp32_out, fused_addmm)
     loss = terms.loss(logp_T, entropy_T)
     return loss, logp_T, entropy_T, grad_h, grad_w
 

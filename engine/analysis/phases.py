@@ -74,6 +74,14 @@ class SubphaseSpan:
     end: int
 
 
+def stable_confirmed(losses: list[float], d1: float, patience: int) -> bool:
+    """Online: the Stable sub-phase is confirmed once the last `patience` + 1 validation losses all lie within
+    (1 + d1) of the minimum so far (the switch rule of `ceiling run`)."""
+    if len(losses) < patience + 1:
+        return False
+    return max(losses[-(patience + 1):]) <= (1 + d1) * min(losses)
+
+
 def subphase_spans(losses: Sequence[float], d1: float = 0.02, d2: float = 0.10) -> list[SubphaseSpan]:
     """The labels of `classify_subphases` as runs, e.g. for shading a plot."""
     labels = classify_subphases(losses, d1, d2)

@@ -22,28 +22,11 @@ Ascend (triton-ascend) they run natively.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-
-@dataclass
-class KernelConfig:
-    """Fused kernels and compilation of the decoder blocks (engine/models/patches.py)."""
-
-    compile: bool = False
-    """torch.compile each decoder layer (dynamic shapes: one graph for every packed token count)."""
-    liger_rms_norm: bool = False
-    """Liger-Kernel's fused RMSNorm (Triton) in place of HF's."""
-    liger_swiglu: bool = False
-    """Liger-Kernel's fused SwiGLU MLP (Triton) in place of HF's."""
-    liger_rope: bool = False
-    """Liger-Kernel's fused rotary embedding (Triton); a process-wide swap of the HF modeling function."""
-
-    @property
-    def liger(self) -> bool:
-        return self.liger_rms_norm or self.liger_swiglu or self.liger_rope
+from engine.config import KernelConfig
 
 
 def _require_liger():

@@ -77,7 +77,7 @@ import torch
 __all__ = [
     "ALGORITHMS", "AlgorithmSpec", "RLBatch", "SeqWeights", "TokenWeights", "WeightParams", "group_mean_advantages",
     "grpo_advantages", "group_stats", "policy_loss_reference", "sequence_weights", "sft_weights", "srft_sft_weights",
-    "to_tokens", "token_weights", "upt_sft_gate",
+    "to_device", "to_tokens", "token_seq_index", "token_weights", "upt_sft_gate",
 ]
 
 
@@ -149,9 +149,39 @@ class SeqWeights:
 
     def select(self, idx) -> SeqWeights:
         """The weights of sequences `idx` (an index list or tensor); copies."""
-        return SeqWeights(*(None if t is None else t[idx] for t in (
-            self.advantages_S, self.sft_weight_S, self.pg_weight_S, self.off_policy_S, self.trained_S,
-            self.expert_sft_S)))
+        return SeqWeights(*(None if t is None else t[idx] for t in self.tensors()))
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.advantages_S, self.sft_weight_S, self.pg_weight_S, self.off_policy_S, self.trained_S,
+                self.expert_sft_S)
+
+    def to(self, device: torch.device | str) -> SeqWeights:
+        """The weights on `device`, in one host-to-device copy that does not wait for the device (see
+        `to_device`)."""
+        return SeqWeights(*to_device(device, *self.tensors()))
+
+
+def to_device(device: torch.device | str, *tensors_S: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """1-D tensors of one length (None passes through) on `device`: the host ones in a single copy that does
+    not block.
+
+    A plain `.to(cuda)` of a host tensor is `cudaMemcpyAsync` + `cudaStreamSynchronize` (ATen's copy_kernel_cuda
+    with non_blocking=False): the host waits for all queued GPU work. Here the host tensors are stacked into one
+    fp32 block (exact for fp32, bools and ints below 2^24: the per-sequence weights), pinned on CUDA and copied with non_blocking=True
+    (the caching host allocator keeps the pinned block until the copy has run), then cast back on the device.
+    Tensors already on an accelerator are moved with `.to(device)` (a no-op on the same device)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return [None if t is None else t.to(device) for t in tensors_S]
+    host = [t for t in tensors_S if t is not None and t.device.type == "cpu"]
+    rows = iter(())
+    if host:
+        block = torch.stack([t.detach().to(torch.float32) for t in host])
+        if device.type == "cuda":
+            block = block.pin_memory()
+        rows = iter(block.to(device, non_blocking=True))
+    return [None if t is None else next(rows).to(t.dtype) if t.device.type == "cpu" else t.to(device)
+            for t in tensors_S]
 
 
 @dataclass(frozen=True)
@@ -353,19 +383,30 @@ def sequence_weights(algorithm: str | AlgorithmSpec, batch: RLBatch,
     return spec.weight_fn(batch, spec.advantage_fn(batch, params, use_std), params)
 
 
+def token_seq_index(cu_seqlens_S1: torch.Tensor, num_tokens: int, device: torch.device | str) -> torch.Tensor:
+    """[T] long: the sequence each packed token belongs to, without a host sync.
+
+    `repeat_interleave` with tensor repeats must learn its output size from the device (CUDA: the repeats'
+    sum read to the host) unless `output_size` is given; T is known (the batch's shape). That cu_seqlens ends
+    at T is checked by `torch._assert_async` (CPU: an error at once; CUDA: a device-side assert, no sync)."""
+    cu = cu_seqlens_S1.to(device)
+    torch._assert_async(cu[-1] == num_tokens, f"cu_seqlens does not end at the {num_tokens} packed tokens")
+    lens_S = (cu[1:] - cu[:-1]).long()
+    return torch.repeat_interleave(torch.arange(lens_S.numel(), device=device), lens_S, output_size=num_tokens)
+
+
 def to_tokens(seq: SeqWeights, cu_seqlens_S1: torch.Tensor, response_mask_T: torch.Tensor) -> TokenWeights:
     """Broadcast per-sequence weights onto packed tokens; loss_mask_T = response_mask_T * trained.
 
     response_mask_T [T]: 1 on tokens whose target is a response token (prompt tokens and each sequence's
     last token 0), i.e. `labels != -100` of the packed batch. cu_seqlens_S1 [S+1] int.
+    No host sync (it runs once per micro-batch): the token count is checked with a device-side assert, and the
+    token -> sequence index is sized by the known T.
     """
-    lens_S = (cu_seqlens_S1[1:] - cu_seqlens_S1[:-1]).long()
-    if lens_S.numel() != seq.trained_S.numel():
-        raise ValueError(f"cu_seqlens has {lens_S.numel()} sequences, weights have {seq.trained_S.numel()}")
-    if int(cu_seqlens_S1[-1]) != response_mask_T.numel():
-        raise ValueError(f"cu_seqlens ends at {int(cu_seqlens_S1[-1])} but there are {response_mask_T.numel()} tokens")
+    if cu_seqlens_S1.numel() - 1 != seq.trained_S.numel():
+        raise ValueError(f"cu_seqlens has {cu_seqlens_S1.numel() - 1} sequences, weights have {seq.trained_S.numel()}")
     device = response_mask_T.device
-    idx_T = torch.repeat_interleave(torch.arange(lens_S.numel(), device=device), lens_S.to(device))
+    idx_T = token_seq_index(cu_seqlens_S1, response_mask_T.numel(), device)
     mask_T = response_mask_T.float() * seq.trained_S.to(device)[idx_T].float()
     on_T = mask_T != 0
     z = torch.zeros_like(mask_T)

@@ -15,8 +15,8 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from engine.config import RLJobConfig
     from engine.jobs import run_job
-    from engine.rl.config import RLJobConfig
     from engine.rl.trainer import run_rl
 
     return run_job(args, RLJobConfig, run_rl)

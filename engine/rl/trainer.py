@@ -44,6 +44,7 @@ from engine.checkpoint import (
     resume_latest,
     save_checkpoint,
 )
+from engine.config import RLJobConfig
 from engine.data.packing import collate_packed, pack_for_ranks
 from engine.data.sft_dataset import encode_prompts, encode_texts, load_prompt_rows
 from engine.data.synthetic import write_task
@@ -55,7 +56,6 @@ from engine.metrics import MetricsLogger, make_run_dir, progress
 from engine.models import PackedCausalLM, build_model
 from engine.reward import score_responses
 from engine.rl.algorithms import ALGORITHMS, RLBatch, SeqWeights, WeightParams, sequence_weights
-from engine.rl.config import RLJobConfig
 from engine.rl.normalizers import loss_normalizers
 from engine.rl.sampling import Group, dynamic_sampling
 from engine.rl.update import LossSettings, MicroBatchLoss
@@ -110,7 +110,7 @@ class RLTrainer:
                                      seed=job.run.seed, max_model_len=self.cfg.max_prompt_len + self.cfg.max_new_tokens,
                                      hf_batch_size=self.cfg.rollout_batch_size)
         self.weight_version = 0  # bumped by every sync; every rollout output must carry the current one
-        self.model, self.model_config = build_policy(job.model, job.run.seed, self.info)
+        self.model, self.model_config = build_policy(job.model, job.run.seed, self.info, job.fsdp, job.kernels)
         if self.cfg.init_checkpoint:
             init = Path(self.cfg.init_checkpoint)
             if (init / "latest").is_file():  # a checkpoints/ root: take its newest checkpoint (verified on load)
@@ -122,10 +122,12 @@ class RLTrainer:
         dtype = compute_dtype(self.info.device, job.model.dtype)
         self.reference = None
         if self.cfg.kl_coef > 0:  # the frozen initial policy, for the KL term
-            reference = build_model(path=job.model.path, config=job.model.config, dtype=dtype, seed=job.run.seed)
-            if self.cfg.init_checkpoint:  # the reference is the policy RL starts from
-                reference.load_state_dict(full_hf_state_dict(self.model))
-            self.reference = PackedCausalLM(reference.to(self.info.device)).eval().requires_grad_(False)
+            reference = build_model(path=job.model.path, config=job.model.config, dtype=dtype,
+                                    seed=job.run.seed).to(self.info.device)
+            if self.cfg.init_checkpoint:  # the policy RL starts from, streamed in buckets (no full fp32 copy)
+                from engine.rollout.weight_sync import copy_full_weights
+                copy_full_weights(self.model, reference, job.rollout.bucket_bytes)
+            self.reference = PackedCausalLM(reference).eval().requires_grad_(False)
         self.order = DataOrder(len(self.prompts), job.run.seed)
         self.step = 0
         self.state = {"cursor": 0, "exaflops": 0.0, "eval_history": []}
@@ -216,6 +218,7 @@ class RLTrainer:
         outputs, rewards, stats = self._generate(prompts, params)
         self._round_stats.append(stats)
         self._gen_tokens += sum(len(p.ids) + len(o[0]) for p, outs in zip(prompts, outputs) for o in outs)
+        self._new_tokens += sum(len(o[0]) for outs in outputs for o in outs)
         return [Group(rw, payload=(p, outs)) for p, outs, rw in zip(prompts, outputs, rewards)]
 
     def _sequences(self, groups: list[Group]) -> list[Seq]:
@@ -278,7 +281,7 @@ class RLTrainer:
         norms = loss_normalizers([s.n_response for s in seqs], seq_w, cfg.aggregation, cfg.sft_norm, cfg.norm_tokens)
         sums = {k: torch.zeros((), device=dev) for k in ("loss", "entropy", "tokens", "clip_low", "clip_high",
                                                           "pg_tokens", "kl", "stats_tokens")}
-        micro_losses = []
+        micro_losses, used_sft = [], []
         self.model.train()
         mbs = list(self._micro_batches(seqs))
         for n, (local, batch) in enumerate(mbs):
@@ -295,26 +298,22 @@ class RLTrainer:
             old = torch.cat([seqs[i].old_logp for i in local]).to(dev) if cfg.mini_batches > 1 and local else None
             ref = torch.cat([seqs[i].ref_logp for i in local]).to(dev) if self.reference is not None and local \
                 else (torch.zeros(response_T.numel(), device=dev) if self.reference is not None else None)
+            # Host syncs (engine/rl/update.py): the per-sequence values reach the device in one non-blocking copy
+            # and every sum stays there until the step ends; only the fused loss's compaction may read the device.
             loss_fn = MicroBatchLoss(sub, torch.tensor([f[0] for f in facts]), torch.tensor([f[1] for f in facts]),
                                      batch.cu_seqlens, response_T, batch.labels.clamp(min=0), norms,
                                      self.loss_settings, old_logp_T=old, ref_logp_T=ref)
             out = self.model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, loss_fn)
             (out.loss * world).backward()
             if local:
-                seq_w.sft_weight_S[local] = loss_fn.sft_weight_S.to(seq_w.sft_weight_S)
-            idx_T = torch.repeat_interleave(torch.arange(len(sub.trained_S), device=dev),
-                                            (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long())
-            on_T = response_T & sub.trained_S.to(dev)[idx_T]
-            pg_T = on_T & (sub.pg_weight_S.to(dev) != 0)[idx_T] & ~sub.off_policy_S.to(dev)[idx_T]
+                used_sft.append((local, loss_fn.sft_weight_S))
             sums["loss"] += out.loss.detach()
-            sums["entropy"] += (out.entropy * on_T).sum()
-            sums["tokens"] += on_T.sum()
-            sums["clip_low"] += out.clip_frac_low * pg_T.sum()
-            sums["clip_high"] += out.clip_frac_high * pg_T.sum()
-            sums["pg_tokens"] += pg_T.sum()
-            sums["kl"] += loss_fn.kl_sum.to(dev)
-            sums["stats_tokens"] += loss_fn.stats_tokens.to(dev)
+            for k, v in loss_fn.token_stats(out).items():
+                sums[k] += v
             micro_losses.append(([int(i) for i in local], out.loss.detach()))
+        if used_sft:  # back to the host once per update, after the last micro-batch
+            seq_w.sft_weight_S[[i for local, _ in used_sft for i in local]] = \
+                torch.cat([w for _, w in used_sft]).to(seq_w.sft_weight_S)
         loss = sums.pop("loss")
         grad_norm, lr = guarded_step(self.model, self.optimizer, self.scheduler, cfg.grad_clip, loss, micro_losses,
                                      self.step + 1, self.ckpt_root, self.info.rank)
@@ -339,7 +338,7 @@ class RLTrainer:
     # ------------------------------------------------------------ one step
     def train_step(self) -> dict[str, object]:
         cfg = self.cfg
-        self._timing, self._round_stats, self._gen_tokens = {"rollout": 0.0, "reward": 0.0}, [], 0
+        self._timing, self._round_stats, self._gen_tokens, self._new_tokens = {"rollout": 0.0, "reward": 0.0}, [], 0, 0
         t0 = time.perf_counter()
         result = dynamic_sampling(self._round, cfg.train_batch, cfg.max_gen_rounds,
                                   filter_groups=self.spec.dynamic_sampling, on_unfilled=cfg.on_unfilled)
@@ -404,23 +403,26 @@ class RLTrainer:
             "rollout/groups": len(result.groups),
             "rollout/filled": int(result.filled),
             "compute/gen_tokens": self._gen_tokens, "compute/update_tokens": update_tokens,
-            "compute/expert_tokens": expert_tokens, "compute/gen_seqs": n_gen,
+            "compute/expert_tokens": expert_tokens, "compute/gen_seqs": n_gen, "compute/new_tokens": self._new_tokens,
             "rollout/unparsed": stats.num_unparsed,
             "rollout/response_len_mean": sum(resp_lens) / max(len(resp_lens), 1),
             "rollout/response_len_max": max(resp_lens, default=0),
             "rollout/sft_prompts": n_gated if cfg.algorithm == "upt" else None,
             "time/rollout_s": self._timing["rollout"], "time/reward_s": self._timing["reward"],
             "time/update_s": t2 - t1, "time/step_s": time.perf_counter() - t0,
-            "perf/tokens_per_s": (self._gen_tokens + update_tokens + expert_tokens) / (time.perf_counter() - t0),
+            # as SFT's: tokens trained per second of the update; and tokens generated per second of rollout
+            "perf/tokens_per_s": (update_tokens + expert_tokens) / max(t2 - t1, 1e-9),
+            "perf/rollout_tokens_per_s": self._new_tokens / max(self._timing["rollout"], 1e-9),
             "compute/step_flops": step_flops, "compute/exaflops": self.state["exaflops"],
         })
         return metrics
 
     # ------------------------------------------------------------ evaluation
-    def evaluate(self) -> float:
-        """pass@1 (mean over `eval_samples` samples per prompt) on the eval prompts."""
+    def evaluate(self, samples: int | None = None) -> float:
+        """pass@1 (mean over `samples`, default `eval_samples`, samples per prompt) on the eval prompts, generated
+        by the run's rollout backend with the weights it holds now (before `fit`'s first sync: the initial ones)."""
         cfg = self.cfg
-        params = SamplingParams(cfg.eval_temperature, 1.0, cfg.max_new_tokens, cfg.eval_samples,
+        params = SamplingParams(cfg.eval_temperature, 1.0, cfg.max_new_tokens, samples or cfg.eval_samples,
                                 seed=self.job.run.seed + 7)
         self._timing = {"rollout": 0.0, "reward": 0.0}
         _, rewards, _ = self._generate(self.eval_prompts, params)
@@ -429,7 +431,8 @@ class RLTrainer:
 
     def _record_eval(self) -> dict[str, object]:
         pass1 = self.evaluate()
-        self.state["eval_history"].append({"step": self.step, "rl_exaflops": self.state["exaflops"], "pass@1": pass1})
+        self.state["eval_history"].append({"step": self.step, "rl_exaflops": self.state["exaflops"], "pass@1": pass1,
+                                           "backend": self.rollout.backend})
         if self.info.is_main:
             (self.run_dir / "eval_curve.json").write_text(json.dumps(self.state["eval_history"], indent=1))
         return {"eval/pass@1": pass1, "compute/exaflops": self.state["exaflops"]}
@@ -493,7 +496,8 @@ class RLTrainer:
 
     def _summary(self) -> dict[str, object]:
         summary = {"steps": self.step, "exaflops": self.state["exaflops"], "eval_history": self.state["eval_history"],
-                   "stopped": self.state.get("stopped"), "checkpoint": str(latest_checkpoint(self.ckpt_root))}
+                   "stopped": self.state.get("stopped"), "checkpoint": str(latest_checkpoint(self.ckpt_root)),
+                   "rollout_backend": self.rollout.backend}
         if self.info.is_main:
             (self.run_dir / "rl_summary.json").write_text(json.dumps(summary, indent=1))
         return summary

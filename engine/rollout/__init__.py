@@ -5,9 +5,9 @@ backends share is `weight_sync`. `engine.rollout.vllm` imports without vLLM and 
 an engine is built without it.
 """
 
+from engine.config import RolloutConfig
 from engine.rollout.base import Rollout, RolloutOutput, SamplingParams, check_weight_version
 from engine.rollout.build import build_rollout
-from engine.rollout.config import RolloutConfig
 from engine.rollout.weight_sync import WeightSyncError
 
 __all__ = ["Rollout", "RolloutConfig", "RolloutOutput", "SamplingParams", "WeightSyncError", "build_rollout",

@@ -126,6 +126,8 @@ class Rollout(abc.ABC):
 
     weight_version: int = 0
     """Version of the weights the backend samples from (set by `sync_weights`)."""
+    backend: str = ""
+    """The `rollout.backend` name of the implementation ("hf", "vllm"): reports say what generated a number."""
 
     @property
     def data_parallel(self) -> tuple[int, int]:

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import torch
 
-from engine.config import ModelConfig
+from engine.config import ModelConfig, RolloutConfig
 from engine.distributed import DistInfo, barrier, compute_dtype
 from engine.models import build_model
 from engine.rollout.base import Rollout
-from engine.rollout.config import RolloutConfig
 
 __all__ = ["build_rollout"]
 

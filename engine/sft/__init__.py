@@ -15,7 +15,7 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from engine.config import SFTJobConfig
     from engine.jobs import run_job
-    from engine.sft.trainer import SFTJobConfig, run_sft
-
+    from engine.sft.trainer import run_sft
     return run_job(args, SFTJobConfig, run_sft)

@@ -1,7 +1,7 @@
 """SFT on packed expert trajectories: FSDP2, fused LM-head loss, validation sub-phases, exact resume.
 
-    ceiling sft configs/tiny.yaml                                   # CPU, one process
-    torchrun --nproc-per-node 8 -m engine.cli sft configs/qwen2.5-7b-sft.yaml
+    ceiling sft configs/sft-tiny.yaml                               # CPU, one process
+    torchrun --nproc-per-node 8 -m engine.cli sft configs/sft-qwen2.5-7b.yaml
 
 Each optimizer step takes `global_batch_size` sequences (as in the paper, independent of the rank
 count) in a fixed, seeded order, packs them first-fit-decreasing into micro-batches of at most
@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -38,85 +37,19 @@ from engine.checkpoint import (
     resume_latest,
     save_checkpoint,
 )
-from engine.config import DataConfig, ModelConfig, RunConfig
+from engine.config import SFTJobConfig
 from engine.data.packing import IGNORE_INDEX, PackedBatch, collate_packed, pack_for_ranks
 from engine.data.synthetic import write_task
 from engine.data.token_store import TokenStore, open_token_store
 from engine.data.tokenizer import load_tokenizer
-from engine.distributed import DistInfo, FSDPConfig, all_reduce_sum, barrier, init_distributed
+from engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from engine.errors import CeilingError
 from engine.losses import linear_cross_entropy
 from engine.metrics import MetricsLogger, make_run_dir, progress
 from engine.models.hf_checkpoint import save_hf_sharded
-from engine.models.patches import KernelConfig
 from engine.training import DataOrder, build_optimizer, build_policy, guarded_step
 
 log = logging.getLogger("ceiling")
-
-
-@dataclass
-class SFTConfig:
-    """Optimisation, batching, validation and checkpointing of SFT."""
-
-    steps: int = 100
-    """Optimizer steps."""
-    global_batch_size: int = 512
-    """Sequences per optimizer step, summed over all ranks (the paper uses 512)."""
-    micro_batch_tokens: int = 16384
-    """Token budget of one packed micro-batch (per rank)."""
-    lr: float = 1e-5
-    """Peak learning rate."""
-    min_lr_ratio: float = 0.0
-    """Cosine decays to lr * min_lr_ratio."""
-    warmup_steps: int = 0
-    """Linear warmup steps."""
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    """Max global gradient norm (0 disables clipping; the norm is still logged)."""
-    val_every: int = 50
-    """Validation loss every N steps (and at the last step); 0 disables."""
-    checkpoint_every: int = 100
-    """Checkpoint every N steps (and at the last step); 0 keeps only the final one."""
-    keep_checkpoints: int = 3
-    """Newest checkpoints kept on disk (the min-val-loss checkpoint is always kept)."""
-    save_best: bool = True
-    """Checkpoint every new minimum of the validation loss."""
-    subphase_d1: float = 0.02
-    """Stable sub-phase: L <= (1 + d1) L_min."""
-    subphase_d2: float = 0.10
-    """Severe sub-phase: L >= (1 + d2) L_min."""
-    export_hf: bool = True
-    """Write the final model as an HF directory `<run>/hf/`."""
-    token_store_dir: str | None = None
-    """Where tokenized data is stored once and reused by every rank and run (engine/data/token_store.py);
-    default `<run.output_dir>/token_store`."""
-
-    def __post_init__(self):
-        for name in ("steps", "global_batch_size", "micro_batch_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"sft.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 < self.lr < 1.0:
-            raise ValueError(f"sft.lr must be in (0, 1), got {self.lr}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"sft.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        for name in ("warmup_steps", "val_every", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"sft.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 < self.subphase_d1 < self.subphase_d2:
-            raise ValueError("sft: need 0 < subphase_d1 < subphase_d2")
-
-
-@dataclass
-class SFTJobConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(config="configs/models/tiny-qwen2.json",
-                                                                   tokenizer="char"))
-    data: DataConfig = field(default_factory=lambda: DataConfig(synthetic=None, train_path="train.jsonl"))
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
-    kernels: KernelConfig = field(default_factory=KernelConfig)
 
 
 def load_data(job: SFTJobConfig, tokenizer, run_dir: Path, info: DistInfo

@@ -2,6 +2,9 @@
 
     cfg = load_config("configs/tiny.yaml", SFTJobConfig, overrides=["sft.lr=3e-4"])
 
+The sections are declared once (engine/config/sections.py, training.py, study.py) and composed into the jobs
+(engine/config/jobs.py); this module only reads, checks and writes them.
+
 Each section is a dataclass whose fields carry defaults and whose `__post_init__` raises ValueError on
 bad values. Loading checks every key and type against the dataclasses: an unknown key, a wrong type, a
 bad value or a missing file is a `ConfigError` that names the file and the dotted key. Overrides use
@@ -14,13 +17,11 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from engine.data.synthetic import SyntheticTaskConfig
 from engine.errors import ConfigError
 
 T = TypeVar("T")
@@ -184,7 +185,20 @@ def load_config(path: str | Path | None, cls: type[T], overrides: list[str] | No
     _check_override_keys(cls, overrides)
     for override in overrides:
         _apply_override(data, override)
+    _check_unused_keys(cls, data, label)
     return from_dict(cls, data, f"{label}:")
+
+
+def _check_unused_keys(cls: type, data: dict[str, Any], label: str) -> None:
+    """A key of a shared section that this job would ignore is an error, not a silent no-op.
+
+    A job lists such keys in `UNUSED: ClassVar[dict[str, str]]` ("section.key" -> what to do instead)."""
+    for dotted, instead in getattr(cls, "UNUSED", {}).items():
+        section, _, key = dotted.partition(".")
+        node = data.get(section)
+        if isinstance(node, dict) and key in node:
+            job = getattr(cls, "COMMAND", cls.__name__)
+            raise ConfigError(f"{label}: {dotted}: `{job}` does not use this key ({instead}); remove it")
 
 
 def add_config_arguments(parser) -> None:
@@ -195,100 +209,10 @@ def add_config_arguments(parser) -> None:
 
 
 def dump_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-# ---------------------------------------------------------------- sections shared by every job
-
-
-@dataclass
-class RunConfig:
-    """Where a run writes and how it reports."""
-
-    name: str = "default"
-    """Run name: outputs go to `<output_dir>/<name>/`."""
-    output_dir: str = "runs"
-    """Parent directory of run directories."""
-    seed: int = 0
-    """Seed of model init, data order and sampling."""
-    device: Literal["auto", "cuda", "npu", "cpu"] = "auto"
-    """Device type; auto picks cuda, then npu, then cpu."""
-    tensorboard: bool = False
-    """Also write TensorBoard events to `<run>/tb/`."""
-    progress: bool = True
-    """Show a progress bar with ETA."""
-    log_every: int = 1
-    """Log metrics every N optimizer steps (the only host sync besides the NaN guard)."""
-    peak_tflops: float | None = None
-    """Peak dense TFLOP/s per device for MFU; None takes the table in engine/flops.py."""
-    on_bad_checkpoint: Literal["fallback", "stop"] = "fallback"
-    """On resume, a checkpoint that fails verification (or a `latest` naming a missing one) is reported, then:
-    fallback = move it aside and resume from the newest one that verifies; stop = exit with the error."""
-
-    def __post_init__(self):
-        if not self.name or "/" in self.name:
-            raise ValueError(f"run.name must be a non-empty name without '/', got {self.name!r}")
-        if self.log_every < 1:
-            raise ValueError(f"run.log_every must be >= 1, got {self.log_every}")
-
-
-@dataclass
-class ModelConfig:
-    """The policy model: a local HF directory, or random weights from an HF config.json."""
-
-    path: str | None = None
-    """Local HF model directory (weights + config); never downloaded."""
-    config: str | None = None
-    """HF config.json to build random weights from (tiny CPU models, benchmarks)."""
-    tokenizer: str | None = None
-    """'char' (the built-in character tokenizer) or a local tokenizer dir; default: model.path."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Compute dtype; auto = bf16 on GPU/NPU, fp32 on CPU. Master weights stay fp32."""
-    attention: Literal["auto", "varlen", "flash_attn", "npu_fusion", "sdpa"] = "auto"
-    """Packed attention backend (engine/models/attention.py): varlen / flash_attn on CUDA, npu_fusion
-    (torch_npu.npu_fusion_attention, Ascend; building the model without torch_npu is an error), sdpa anywhere;
-    auto picks by device."""
-    activation_checkpointing: bool = False
-    """Recompute each decoder layer in backward."""
-
-    def __post_init__(self):
-        if (self.path is None) == (self.config is None):
-            raise ValueError("model: set exactly one of `path` (local HF dir) or `config` (HF config.json)")
-        if self.tokenizer is None:
-            if self.path is None:
-                raise ValueError("model.tokenizer is required with model.config ('char' or a tokenizer dir)")
-            self.tokenizer = self.path
-
-
-@dataclass
-class DataConfig:
-    """SFT data: the built-in synthetic task, or JSONL/Parquet files."""
-
-    synthetic: SyntheticTaskConfig | None = None
-    """Generate the synthetic math task (written to `<run>/data/`)."""
-    train_path: str | None = None
-    """JSONL/Parquet rows {prompt, response, answer?} or {messages}."""
-    val_path: str | None = None
-    """Held-out rows for the validation loss."""
-    max_seq_len: int = 2048
-    """Longest sample in tokens."""
-    overlong: Literal["truncate", "drop"] = "truncate"
-    """Longer samples: cut the response tail, or drop; either way counted and logged."""
-    tokenize_workers: int = 1
-    """Processes per rank that tokenize contiguous row shards when the token store is first built (every rank
-    takes part); the store is the same byte for byte for any count."""
-
-    def __post_init__(self):
-        if self.synthetic is not None and self.train_path is not None:
-            raise ValueError(f"train_path ({self.train_path}) and synthetic (the built-in task) are both set; use "
-                             "only one: to train on the file, unset the task with --set data.synthetic=null (or "
-                             "`synthetic: null` under `data:`)")
-        for name in ("train_path", "val_path"):
-            if getattr(self, name) == "":
-                raise ValueError(f"data.{name} must be a path or null, got ''")
-        if self.max_seq_len < 2:
-            raise ValueError(f"data.max_seq_len must be >= 2, got {self.max_seq_len}")
-        if self.overlong not in ("truncate", "drop"):
-            raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {self.overlong!r}")
-        if self.tokenize_workers < 1:
-            raise ValueError(f"data.tokenize_workers must be >= 1, got {self.tokenize_workers}")
+    """The resolved config as YAML that `load_config` reads back into the same job (keys the job does not use,
+    which it would refuse, are left out)."""
+    data = to_dict(cfg)
+    for dotted in getattr(type(cfg), "UNUSED", {}):
+        section, _, key = dotted.partition(".")
+        data.get(section, {}).pop(key, None)
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))

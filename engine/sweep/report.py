@@ -164,7 +164,7 @@ def plot_paradigms(st: dict, path: Path, title: str) -> None:
 
 
 def write_sweep_report(job, root: Path, state: dict) -> Path:
-    from engine.study_report import findings_markdown
+    from engine.sweep.findings_report import findings_markdown
 
     sections, tables, pairs, skipped, a_posts = [], [], [], [], {}
     cfg = job.sft

@@ -1,16 +1,67 @@
-"""The RL job's configuration: the algorithm, rollout, optimisation and evaluation settings (`rl:`), and the
-whole job (`run:`, `model:`, `data:`, `rl:`, `rollout:`), as `ceiling rl CONFIG` reads it from YAML.
+"""The training sections: `sft:` (optimisation, batching, validation, checkpoints of SFT) and `rl:` (the RL
+algorithm, its rollouts, optimisation and evaluation: the paper's Section 3 / Appendix B).
 
 Every field's docstring is its documentation; `__post_init__` rejects bad values with the field's name.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-from engine.config import DataConfig, ModelConfig, RunConfig
-from engine.rollout import RolloutConfig
+
+@dataclass
+class SFTConfig:
+    """Optimisation, batching, validation and checkpointing of SFT."""
+
+    steps: int = 100
+    """Optimizer steps."""
+    global_batch_size: int = 512
+    """Sequences per optimizer step, summed over all ranks (the paper uses 512)."""
+    micro_batch_tokens: int = 16384
+    """Token budget of one packed micro-batch (per rank)."""
+    lr: float = 1e-5
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.0
+    """Cosine decays to lr * min_lr_ratio."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 disables clipping; the norm is still logged)."""
+    val_every: int = 50
+    """Validation loss every N steps (and at the last step); 0 disables."""
+    checkpoint_every: int = 100
+    """Checkpoint every N steps (and at the last step); 0 keeps only the final one."""
+    keep_checkpoints: int = 3
+    """Newest checkpoints kept on disk (the min-val-loss checkpoint is always kept)."""
+    save_best: bool = True
+    """Checkpoint every new minimum of the validation loss."""
+    subphase_d1: float = 0.02
+    """Stable sub-phase: L <= (1 + d1) L_min."""
+    subphase_d2: float = 0.10
+    """Severe sub-phase: L >= (1 + d2) L_min."""
+    export_hf: bool = True
+    """Write the final model as an HF directory `<run>/hf/`."""
+    token_store_dir: str | None = None
+    """Where tokenized data is stored once and reused by every rank and run (engine/data/token_store.py);
+    default `<run.output_dir>/token_store`."""
+
+    def __post_init__(self):
+        for name in ("steps", "global_batch_size", "micro_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sft.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.lr < 1.0:
+            raise ValueError(f"sft.lr must be in (0, 1), got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"sft.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("warmup_steps", "val_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"sft.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.subphase_d1 < self.subphase_d2:
+            raise ValueError("sft: need 0 < subphase_d1 < subphase_d2")
 
 
 @dataclass
@@ -127,15 +178,3 @@ class RLConfig:
             raise ValueError(f"rl.max_exaflops must be > 0 (or null), got {self.max_exaflops}")
         if self.clip_ratio_c is not None and not self.clip_ratio_c > 1:
             raise ValueError(f"rl.clip_ratio_c must be > 1 (.inf: off), got {self.clip_ratio_c}")
-
-
-@dataclass
-class RLJobConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(config="configs/models/tiny-qwen2.json",
-                                                                   tokenizer="char"))
-    data: DataConfig = field(default_factory=DataConfig)
-    rl: RLConfig = field(default_factory=RLConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-
-

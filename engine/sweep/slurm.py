@@ -4,7 +4,7 @@
     sbatch runs/sweep-tiny/sweep.sbatch
 
 Each array task is one node (or GPU group) running `ceiling sweep <run>/config.yaml --worker`: it claims
-items through the lock files of the shared run directory (engine/sweep_worker.py), runs each as a
+items through the lock files of the shared run directory (engine/sweep/worker.py), runs each as a
 `torchrun --standalone --nproc-per-node G` job, and exits when nothing is left. Slurm only starts workers;
 which item runs where is decided by the workers. A task that dies (node failure, preemption, time limit)
 leaves a lock that goes stale after `--stale-after` seconds; another task takes the item over and resumes it
@@ -78,7 +78,7 @@ def sbatch_script(spec: SlurmSpec) -> str:
     if spec.account:
         directives.append(f"--account={spec.account}")
     directives += spec.extra
-    lines = ["#!/bin/bash", f"# ceiling sweep workers for {spec.run_dir} (engine/slurm.py); submit: sbatch <this file>"]
+    lines = ["#!/bin/bash", f"# ceiling sweep workers for {spec.run_dir} (engine/sweep/slurm.py); submit: sbatch <this file>"]
     lines += [f"#SBATCH {shlex.quote(d)}" for d in directives]
     lines += [
         "set -euo pipefail",

@@ -18,14 +18,14 @@ Items of one scene (`sweep.scenes`, each a variant of `data.synthetic`), run in 
 With `sweep.early_stop`, a branch stops once its predicted ceiling settles (`ceiling_stop_rule`). When every
 item is done, the scene is written as a RETU scene (`scene.json`, compute in GFLOPs), every branch is fitted
 (A_post = P_sft + PL_rl) and `sweep_report.md` collects tables, figures and the compute spent against a full
-sweep (engine/sweep_report.py).
+sweep (engine/sweep/report.py).
 
-Workers (engine/sweep_worker.py): each claims the next ready item with a lock file in `<run>/locks/`, runs it
+Workers (engine/sweep/worker.py): each claims the next ready item with a lock file in `<run>/locks/`, runs it
 as a child process (`torchrun ... -m engine.cli sweep <run>/config.yaml --run-item ITEM` with
 --nproc-per-node > 1, else python), publishes `<run>/items/ITEM.done.json` once, and exits when nothing is
 left; the last one writes the report. A crashed worker's item is taken over once its lock is stale and
 resumes from the item's own checkpoints. One process without --worker runs the same protocol in-process. The command line is
-engine/sweep_cli.py.
+engine/sweep/cli.py.
 Every worker checks its config against `<run>/config.yaml`, so a sweep never mixes configs. Several workers
 on one node: give each its own GPUs (CUDA_VISIBLE_DEVICES=0-3 and 4-7 with --nproc-per-node 4).
 """
@@ -35,23 +35,27 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 from engine.analysis.early_stop import ceiling_stop_rule
 from engine.analysis.phases import classify_subphases
 from engine.checkpoint import checkpoint_name
-from engine.config import DataConfig, ModelConfig, RunConfig, dump_config, to_dict
-from engine.data.synthetic import SyntheticTaskConfig
+from engine.config import (
+    DataConfig,
+    RLJobConfig,
+    SceneSpec,
+    SFTJobConfig,
+    SweepJobConfig,
+    dump_config,
+    to_dict,
+)
 from engine.distributed import destroy_distributed
 from engine.errors import CeilingError, ConfigError
-from engine.rl.config import RLConfig, RLJobConfig
 from engine.rl.trainer import RLTrainer
-from engine.sft.trainer import SFTConfig, SFTJobConfig, SFTTrainer
-from engine.sweep_worker import (
+from engine.sft.trainer import SFTTrainer
+from engine.sweep.worker import (
     Item,
     RunDir,
     Worker,
@@ -60,96 +64,6 @@ from engine.sweep_worker import (
 )
 
 log = logging.getLogger("ceiling")
-BASELINES = ("luffy", "srft", "upt")
-
-
-@dataclass
-class SceneSpec:
-    """One scene: the synthetic task with a different train-set size or difficulty."""
-
-    name: str = "default"
-    """Directory name under runs/<name>/ (letters, digits, '-', '_', '.')."""
-    num_train: int | None = None
-    """Override of data.synthetic.num_train."""
-    difficulty_mix: Literal["uniform", "easy", "hard"] | None = None
-    """Override of data.synthetic.difficulty_mix."""
-    baselines: bool = True
-    """Run sweep.baselines in this scene (off: only the SFT checkpoints' RL branches and pure RL)."""
-    pure_rl: bool = True
-    """Run pure RL from the base model in this scene (its RL and eval sets are those of every scene, so one
-    scene is enough)."""
-    branches: int | None = None
-    """Override of sweep.branches for this scene."""
-
-    def __post_init__(self):
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
-            raise ValueError(f"sweep.scenes: bad scene name {self.name!r}")
-        if self.num_train is not None and self.num_train < 1:
-            raise ValueError(f"sweep.scenes[{self.name}].num_train must be >= 1, got {self.num_train}")
-        if self.branches is not None and self.branches < 1:
-            raise ValueError(f"sweep.scenes[{self.name}].branches must be >= 1, got {self.branches}")
-
-
-@dataclass
-class SweepConfig:
-    """Which branches and baselines the sweep runs, how it evaluates, and live early stopping."""
-
-    branches: int = 3
-    """SFT checkpoints that start an RL branch (min-val-loss always one; see `branch_rule`)."""
-    branch_rule: Literal["spread", "subphase"] = "spread"
-    """How the branches are chosen: spread evenly over the validations, or one per SFT sub-phase present
-    (Adaptive: the middle of the span, Stable: the min-val-loss step, Mild: its middle, Severe: the last
-    validation), then spread to fill `branches` (the paper's RQ2 compares switch points by sub-phase)."""
-    matched_compute: bool = True
-    """Pure RL and the baselines of a scene get the sequential paradigm's compute: SFT up to the min-val-loss
-    checkpoint plus the RL branch from it (they run after that branch, with `rl.max_exaflops`)."""
-    baselines: list[Literal["luffy", "srft", "upt"]] = field(default_factory=lambda: list(BASELINES))
-    """Synchronized SFT-RL baselines, each an RL run from the base model with that rl.algorithm."""
-    eval_samples: int = 2
-    """Samples per eval prompt for the pass@1 of the base model and each SFT checkpoint."""
-    early_stop: bool = False
-    """Stop an RL branch once its predicted ceiling settles (ceiling_stop_rule)."""
-    tol: float = 0.5
-    """Early stop: A_post must move less than `tol` points ..."""
-    patience: int = 3
-    """... over the last `patience` refits ..."""
-    min_points: int = 6
-    """... after at least `min_points` evaluations ..."""
-    min_fraction: float = 0.55
-    """... and not before this fraction of `rl.steps` (tuned on the paper's curves: benchmarks/RESULTS.md)."""
-    scenes: list[SceneSpec] = field(default_factory=lambda: [SceneSpec()])
-    """Scenes (variants of data.synthetic); >= 3 gives the min-val-loss / A_post correlation."""
-
-    def __post_init__(self):
-        if self.branches < 1 or self.eval_samples < 1:
-            raise ValueError("sweep.branches and sweep.eval_samples must be >= 1")
-        if self.tol <= 0 or self.patience < 1 or self.min_points < 1 or not 0 <= self.min_fraction <= 1:
-            raise ValueError("sweep: need tol > 0, patience >= 1, min_points >= 1 and 0 <= min_fraction <= 1")
-        if len(set(self.baselines)) != len(self.baselines):
-            raise ValueError(f"sweep.baselines has duplicates: {self.baselines}")
-        if not self.scenes:
-            raise ValueError("sweep.scenes must name at least one scene")
-        names = [s.name for s in self.scenes]
-        if len(set(names)) != len(names):
-            raise ValueError(f"sweep.scenes: duplicate names {names}")
-
-
-@dataclass
-class SweepJobConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(config="configs/models/tiny-qwen2.json",
-                                                                   tokenizer="char"))
-    data: DataConfig = field(default_factory=lambda: DataConfig(synthetic=SyntheticTaskConfig()))
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    rl: RLConfig = field(default_factory=RLConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-    quick: list[str] = field(default_factory=list)
-    """`--set` overrides that `ceiling sweep CONFIG --quick` applies first: the same study, smaller, as a smoke
-    check (give it its own run.name)."""
-
-    def __post_init__(self):
-        if self.data.synthetic is None:
-            raise ValueError("sweep: data.synthetic is required (scenes are variants of the synthetic task)")
 
 
 def select_branches(steps: list[int], best: int | None, k: int) -> list[int]:
@@ -180,12 +94,6 @@ def select_branches_by_subphase(steps: list[int], labels: list[str], best: int, 
             chosen.append(step)
     return sorted(chosen)
 
-
-
-def _device(run: RunConfig) -> str:
-    import torch
-
-    return "cuda" if run.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
 
 class Sweep:
@@ -313,7 +221,7 @@ class Sweep:
         sft = replace(job.sft, checkpoint_every=job.sft.val_every, keep_checkpoints=0, save_best=True,
                       export_hf=False)
         sft_job = SFTJobConfig(run=replace(job.run, output_dir=str(self.root / spec.name), name="sft"),
-                               model=job.model, data=self.scene_data(spec), sft=sft)
+                               model=job.model, data=self.scene_data(spec), sft=sft, kernels=job.kernels, fsdp=job.fsdp)
         summary = SFTTrainer(sft_job).fit()
         destroy_distributed()
         if not summary["val_history"]:
@@ -330,41 +238,52 @@ class Sweep:
         return {"sft": {k: summary[k] for k in ("steps", "exaflops", "best", "val_history")}, "branches": branches}
 
     def run_sft_eval(self, spec: SceneSpec, sft: dict) -> dict:
-        """pass@1 (%) of the base model ("0") and every SFT checkpoint, one at a time; resumable through
-        `<scene>/sft_eval.partial.json`."""
+        """pass@1 (%) of the base model ("0") and every SFT checkpoint, one at a time, on one rollout backend
+        (`rollout.backend`, the run's device): it starts with the base weights and receives each checkpoint by
+        `sync_weights`. Resumable through `<scene>/sft_eval.partial.json`."""
+        from engine.config import EvalConfig
         from engine.data.tokenizer import load_tokenizer
-        from engine.evaluate import evaluate_model, load_for_eval
-        from engine.models import build_model
+        from engine.distributed import init_distributed
+        from engine.evaluate import Benchmark, eval_rollout, evaluate, load_checkpoint_model
 
         job, sweep = self.job, self.job.sweep
         partial_path = self.root / spec.name / "sft_eval.partial.json"
         partial = read_json(partial_path) or {"sft_pass1": {}, "n_eval": None}
         scores = partial["sft_pass1"]
-        eval_path = self.root / spec.name / "sft" / "data" / "eval.jsonl"
+        todo = [s for s in [0] + [h["step"] for h in sft["sft"]["val_history"]] if str(s) not in scores]
+        if not todo:
+            return {"sft_pass1": scores, "n_eval": partial["n_eval"]}
+        tokenizer = load_tokenizer(job.model.tokenizer)
+        cfg = EvalConfig(samples=sweep.eval_samples, temperature=job.rl.eval_temperature,
+                         max_new_tokens=job.rl.max_new_tokens, max_prompts=job.rl.eval_max_prompts,
+                         batch_size=job.rl.rollout_batch_size, reward_workers=job.rl.reward_workers)
+        bench = Benchmark.load("eval", self.root / spec.name / "sft" / "data" / "eval.jsonl", tokenizer,
+                               cfg.max_prompts)
         ckpts = self.root / spec.name / "sft" / "checkpoints"
-        device = _device(job.run)
-        for step in [0] + [h["step"] for h in sft["sft"]["val_history"]]:
-            if str(step) in scores:
-                continue
-            if step == 0:
-                model = build_model(path=job.model.path, config=job.model.config, seed=job.run.seed)
-                model.config._attn_implementation = "sdpa"
-                model, tokenizer = model.to(device).eval(), load_tokenizer(job.model.tokenizer)
-            else:
-                model, tokenizer = load_for_eval(ckpts / checkpoint_name(step), device=device,
-                                                 model_config=job.model.path or job.model.config,
-                                                 tokenizer=job.model.tokenizer or job.model.path)
-            result = evaluate_model(model, tokenizer, {"eval": eval_path}, samples=sweep.eval_samples,
-                                    temperature=job.rl.eval_temperature, max_new_tokens=job.rl.max_new_tokens,
-                                    max_prompts=job.rl.eval_max_prompts, seed=job.run.seed, device=device)
-            scores[str(step)] = result.scores["eval"]
-            partial["n_eval"] = result.counts["eval"]
-            log.info("sweep %s: pass@1 of SFT step %d = %.2f%%", spec.name, step, scores[str(step)])
-            write_json_atomic(partial_path, partial)
-        return {"sft_pass1": scores, "n_eval": partial["n_eval"]}
+        info = init_distributed(job.run.device)
+        rollout = eval_rollout(job.rollout, job.model, tokenizer, info, workdir=self.root / spec.name / "sft_eval",
+                               seed=job.run.seed, max_model_len=Benchmark.max_model_len([bench], cfg.max_new_tokens),
+                               batch_size=cfg.batch_size)
+        try:
+            for version, step in enumerate(todo, start=1):
+                if step:
+                    model = load_checkpoint_model(ckpts / checkpoint_name(step), job.model)
+                    rollout.sync_weights(model, version)
+                    del model
+                result = evaluate(rollout, [bench], cfg, seed=job.run.seed)
+                scores[str(step)] = result.scores["eval"]
+                partial["n_eval"], partial["backend"] = result.counts["eval"], result.backend
+                log.info("sweep %s: pass@1 of SFT step %d = %.2f%% (%s)", spec.name, step, scores[str(step)],
+                         result.backend)
+                write_json_atomic(partial_path, partial)
+        finally:
+            rollout.close()
+            destroy_distributed()
+        return {"sft_pass1": scores, "n_eval": partial["n_eval"], "backend": partial["backend"]}
 
-    def run_rl(self, spec: SceneSpec, key: str, algorithm: str, init_step: int | None, early_stop: bool) -> dict:
-        job, sweep = self.job, self.job.sweep
+    def rl_job(self, spec: SceneSpec, key: str, algorithm: str, init_step: int | None) -> tuple[RLJobConfig, dict | None]:
+        """Item `key` as an RL job (with the sweep's rollout, kernels and FSDP sections) and its compute budget."""
+        job = self.job
         ckpt = self.root / spec.name / "sft" / "checkpoints" / checkpoint_name(init_step) if init_step else None
         if ckpt is not None and not ckpt.is_dir():
             raise ConfigError(f"sweep: {key}: the SFT checkpoint {ckpt} does not exist")
@@ -378,15 +297,26 @@ class Sweep:
             rl = replace(rl, max_exaflops=budget["exaflops"], steps=max(job.rl.steps, math.ceil(4 * est)),
                          eval_every=max(1, round(job.rl.eval_every * est / job.rl.steps)))
         rl_job = RLJobConfig(run=replace(job.run, output_dir=str(self.root / spec.name), name=name),
-                             model=job.model, data=self.scene_data(spec), rl=rl)
+                             model=job.model, data=self.scene_data(spec), rl=rl, rollout=job.rollout,
+                             kernels=job.kernels, fsdp=job.fsdp)
+        return rl_job, budget
+
+    def run_rl(self, spec: SceneSpec, key: str, algorithm: str, init_step: int | None, early_stop: bool) -> dict:
+        job, sweep = self.job, self.job.sweep
+        rl_job, budget = self.rl_job(spec, key, algorithm, init_step)
+        name = rl_job.run.name
         rule = ceiling_stop_rule(sweep.tol, sweep.patience, sweep.min_points, min_fraction=sweep.min_fraction,
                                  planned_steps=job.rl.steps) if early_stop else None
-        summary = RLTrainer(rl_job).fit(stop_when=rule)
-        destroy_distributed()
+        trainer = RLTrainer(rl_job)
+        try:
+            summary = trainer.fit(stop_when=rule)
+        finally:
+            trainer.rollout.close()
+            destroy_distributed()
         return {"rl": {"algorithm": algorithm, "init_step": init_step or 0, "dir": name,
                        "steps": summary["steps"], "planned_steps": job.rl.steps if budget is None else summary["steps"],
                        "exaflops": summary["exaflops"], "stopped": summary["stopped"], "budget": budget,
-                       "eval_history": summary["eval_history"]}}
+                       "eval_history": summary["eval_history"], "rollout_backend": summary["rollout_backend"]}}
 
     # ------------------------------------------------------------ whole runs
     def worker(self, run_item=None, heartbeat: float = 30.0, poll: float = 10.0, retry_failed: bool = False) -> Worker:
@@ -409,7 +339,7 @@ class Sweep:
 
     def write_report(self) -> Path | None:
         """The report, once every item is done (None before); any worker may write it, the last one does."""
-        from engine.sweep_report import write_sweep_report
+        from engine.sweep.report import write_sweep_report
 
         if any(not self.rundir.is_done(i.name) for i in self.items()):
             return None

@@ -1,5 +1,5 @@
 """The `ceiling sweep` command line: run a sweep in one process, as one of N workers (items as child processes),
-as a worker's child (`--run-item`), print its plan, or write a Slurm array. What a sweep is: engine/sweep.py."""
+as a worker's child (`--run-item`), print its plan, or write a Slurm array. What a sweep is: engine/sweep/items.py."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from engine import sweep as sweep_lib
-from engine.config import add_config_arguments
+from engine.config import SweepJobConfig, add_config_arguments
 from engine.errors import ConfigError
-from engine.sweep import Sweep, SweepJobConfig
-from engine.sweep_worker import Item, LaunchedItem, start_lock_watchdog, write_json_atomic
+from engine.sweep import items as sweep_lib
+from engine.sweep.items import Sweep
+from engine.sweep.worker import Item, LaunchedItem, start_lock_watchdog, write_json_atomic
 
 
 def _is_main_rank() -> bool:
@@ -80,7 +80,7 @@ def main(args: argparse.Namespace) -> int:
             if args.record is not None and _is_main_rank():
                 write_json_atomic(args.record, record)
         elif args.slurm:
-            from engine.slurm import SlurmSpec, write_sbatch
+            from engine.sweep.slurm import SlurmSpec, write_sbatch
 
             sweep.check_config()
             path = write_sbatch(SlurmSpec(
