@@ -1,29 +1,20 @@
 """Early stopping measured on what a sweep user decides, over every released RETU scene.
 
-    python benchmarks/bench_early_stop.py                    # print the tables (about 10 minutes on 2 shared cores)
-    python benchmarks/bench_early_stop.py --seeds 50 --jobs 2 --append   # ... with the noise replays, appended
-                                                             # to benchmarks/RESULTS.md
+    python benchmarks/bench_early_stop.py                    # print the tables (about 2 minutes on 1 core)
+    python benchmarks/bench_early_stop.py --append           # ... and append them to benchmarks/RESULTS.md
 
 For each scene in ../shared/data/retu/ (general = SFT889K, easy102K, hard102K, uniform102K, s1K) every RL branch
-is replayed through a stopping rule. Per scene and rule it reports:
+is replayed through the stopping rule (engine/analysis/early_stop.py). Per scene and rule it reports:
   (a) best branch picked: the branch with the best A_post at the stop (the full fit where a branch never
       stopped) is the branch with the best full-branch A_post, or within 1 point of it;
-  (b) RL compute saved: 1 - sum of compute used / sum of x_total over the scene's branches;
+  (b) RL compute saved: 1 - sum of x_stop / sum of x_total over the scene's branches;
   (c) |A_post error| of the stopped branches: median and max (points).
-
-Per-branch rule (engine/analysis/early_stop.py): the previous default (tol 0.5, patience 3), a compute-span
-window, stopping at a fixed fraction of the planned compute, and the tuned default. The tuning is
-leave-one-scene-out: for each scene, the grid point that picks right in the four other scenes with the most RL
-compute saved there is chosen and scored on the scene left out. Each branch's refits are computed once (a
-refit after every evaluation) and every rule is judged on them with `early_stop.stable_at`, the function the
-live monitor uses; the tuned default's table is computed again through `replay_scene` and must agree.
-
-Comparing rule (engine/analysis/race.py, `ceiling fit --early-stop`'s default): the branches interleaved by
-compute, a decision point at every evaluation, `decide_branches` at each; the same refits (one `RefitCache`).
-Its defaults are tuned the same way (leave-one-scene-out over a grid of k, SE floor, min rise and the per-branch
-rule's compute floor). With --seeds N it replays every scene N times with each evaluation perturbed (Gaussian,
---sigma points, the checkpoint's own evaluation P_sft included; seed (s, scene index)) and reports how often the
-pick is still right, against the released full sweep and against the full sweep of the same perturbed scores.
+Rules: the previous default (tol 0.5, patience 3), a compute-span window, stopping at a fixed fraction of the
+planned compute, and the tuned default. The tuning is leave-one-scene-out: for each scene, the grid point that
+picks right in the four other scenes with the most RL compute saved there is chosen and scored on the scene
+left out. Each branch's refits are computed once (a refit after every evaluation) and every rule is judged on
+them with `early_stop.stable_at`, the function the live monitor uses; the tuned default's table is computed
+again through `replay_scene` and must agree.
 """
 
 from __future__ import annotations
@@ -41,19 +32,11 @@ import scipy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.analysis import Branch, Scene, load_scene  # noqa: E402
-from engine.analysis.early_stop import (  # noqa: E402
-    EarlyStopConfig,
-    RefitCache,
-    decide,
-    replay_branch,
-    replay_scene,
-    stable_at,
-)
-from engine.analysis.race import DOMINATED, PLAN, SETTLED, CompareConfig, replay_race  # noqa: E402
+from engine.analysis import load_scene  # noqa: E402
+from engine.analysis.early_stop import EarlyStopConfig, decide, replay_branch, replay_scene, stable_at  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "retu"
+DATA = ROOT / "tests" / "data" / "retu"  # the vendored copy of the paper's curves
 SCENES = ("general", "easy102K", "hard102K", "uniform102K", "s1K")
 GRID = [EarlyStopConfig(tol=t, patience=k, min_points=6, span=s, min_fraction=f)
         for t, k, s, f in itertools.product((0.5, 1.0, 1.5, 2.0, 3.0), (3, 5), (0.0, 0.3, 0.5),
@@ -68,10 +51,10 @@ NAMED = {
 }
 
 
-def all_refits(scene, cache: RefitCache | None = None) -> list:
+def all_refits(scene) -> list:
     """Per branch, the replay with a refit after every evaluation and no stop (the rules are applied later)."""
     never = EarlyStopConfig(tol=0.0, patience=10**6, min_points=4, min_fraction=0.0)
-    return [replay_branch(scene.branch(step), never, cache=cache) for step in scene.steps]
+    return [replay_branch(scene.branch(step), never) for step in scene.steps]
 
 
 def apply(results: list, config: EarlyStopConfig) -> list:
@@ -115,152 +98,20 @@ HEAD = ("| scene | branches | best branch picked | picked vs best SFT step (gap)
         "median abs. A_post error | max abs. A_post error |\n| --- | ---: | --- | --- | ---: | ---: | ---: |")
 
 
-# ---- the comparing rule (engine/analysis/race.py) ---------------------------------------------------------
-
-COMPARE_GRID = [CompareConfig(k=k, se_floor=f, min_rise=r, branch=EarlyStopConfig(min_fraction=m))
-                for k, f, r, m in itertools.product((0.75, 1.0, 1.5), (0.5, 1.0, 1.5), (0.5, 0.8),
-                                                    (0.55, 0.6, 0.65))]
-
-
-def race_all(scenes: dict, fits: RefitCache, config: CompareConfig) -> dict:
-    return {name: replay_race(scene, config, fits) for name, scene in scenes.items()}
-
-
-def race_score(races: dict, names) -> tuple[bool, float]:
-    """All scenes picked right, and the RL compute saved over them together."""
-    used = sum(r.x_stop for s in names for r in races[s].results)
-    total = sum(r.x_total for s in names for r in races[s].results)
-    return all(races[s].decision.ok for s in names), 1.0 - used / total
-
-
-def describe(c: CompareConfig) -> str:
-    return f"k {c.k:g}, SE floor {c.se_floor:g}, min rise {c.min_rise:g}, per-branch floor {c.branch.min_fraction:g}"
-
-
-def compare_sections(scenes: dict, fits: RefitCache, per_branch: dict) -> list[str]:
-    sections = []
-    default = CompareConfig()
-    races = race_all(scenes, fits, default)
-    lines = ["| scene | branches | best branch picked | picked vs best SFT step (gap) | RL compute saved | "
-             "stopped: dominated / settled / plan | ceiling reported for the pick vs best full A_post |",
-             "| --- | ---: | --- | --- | ---: | --- | ---: |"]
-    for s in SCENES:
-        r, d = races[s], races[s].decision
-        kinds = [b.stop_kind for b in r.results]
-        gap = "" if d.picked == d.best else f" ({d.best_full - d.picked_full:+.2f})"
-        err = r.picked_error()
-        lines.append(f"| {s} | {len(r.results)} | {'yes' if d.ok else 'NO'} | {d.picked} vs {d.best}{gap} | "
-                     f"{100 * d.saved:.1f}% | {kinds.count(DOMINATED)} / {kinds.count(SETTLED)} / "
-                     f"{kinds.count(PLAN)} | {'-' if err is None else f'{err:.2f}'} |")
-    ok, saved = race_score(races, SCENES)
-    sections.append(f"Comparing rule, default `CompareConfig()` ({describe(default)}; margin {default.margin:g}, "
-                    f"min points {default.min_points}, per-branch tol {default.branch.tol:g}, patience "
-                    f"{default.branch.patience}), branches interleaved by compute, a decision point at every "
-                    f"evaluation:\n\n" + "\n".join(lines) + f"\n\nAll scenes picked right: {'yes' if ok else 'no'}; "
-                    f"RL compute saved over all scenes: {100 * saved:.1f}% (per-branch rule alone: "
-                    f"{100 * score(per_branch, SCENES)[1]:.1f}%).")
-
-    grid = {c: race_all(scenes, fits, c) for c in COMPARE_GRID}
-    lines = ["| held-out scene | chosen on the other four | other four: all right, saved | held-out: best branch "
-             "picked | held-out: RL saved |", "| --- | --- | --- | --- | ---: |"]
-    for held in SCENES:
-        train = [s for s in SCENES if s != held]
-        c = max(COMPARE_GRID, key=lambda c: race_score(grid[c], train))
-        ok_t, saved_t = race_score(grid[c], train)
-        d = grid[c][held].decision
-        lines.append(f"| {held} | {describe(c)} | {'yes' if ok_t else 'no'}, {100 * saved_t:.1f}% | "
-                     f"{'yes' if d.ok else 'NO'} | {100 * d.saved:.1f}% |")
-    frontier = {}
-    for c in COMPARE_GRID:
-        right = sum(grid[c][s].decision.ok for s in SCENES)
-        saved = race_score(grid[c], SCENES)[1]
-        if saved > frontier.get(right, (-1, None))[0]:
-            frontier[right] = (saved, c)
-    front = "; ".join(f"{right}/5 right: {100 * sv:.1f}% saved ({describe(c)})"
-                      for right, (sv, c) in sorted(frontier.items(), reverse=True))
-    sections.append(f"Comparing rule, leave-one-scene-out tuning over {len(COMPARE_GRID)} rules (k x SE floor x min "
-                    f"rise x per-branch compute floor; the other settings at their defaults):\n\n" + "\n".join(lines)
-                    + f"\n\nMost RL compute saved by a grid rule, by the number of scenes it picks right: {front}.")
-    return sections
-
-
-def perturb(scene, sigma: float, rng) -> Scene:
-    """The scene with every evaluation plus N(0, sigma^2) points: each RL evaluation and the checkpoint's P_sft."""
-    branches = {}
-    for step, b in scene.branches.items():
-        e = rng.normal(0.0, sigma, b.n_points)  # e[0]: the checkpoint's own evaluation
-        y = np.round(np.r_[0.0, b.y[1:] + e[1:] - e[0]], 10)
-        branches[step] = Branch(b.sft_step, b.sft_exaflops, b.p_sft + float(e[0]), b.x, y)
-    return Scene(scene.name, None, scene.benchmarks, scene.sft_exaflops, scene.sft_overall, branches)
-
-
-def _noise_world(job) -> list[dict]:
-    """Every scene of one seed, replayed under the comparing and the per-branch default (one shared cache)."""
-    seed, sigma, data, released = job
-    out = []
-    for i, name in enumerate(SCENES):
-        truth = released[name]  # full-branch A_post of the released curves
-        noisy = perturb(load_scene(Path(data) / f"{name}.json"), sigma, np.random.default_rng([seed, i]))
-        fits = RefitCache()
-        race = replay_race(noisy, CompareConfig(), fits)
-        alone = decide(replay_scene(noisy, EarlyStopConfig(), to_end=False, cache=fits))
-        best = max(truth.values())
-        row = {"seed": seed, "scene": name, "full_ok": truth.get(race.decision.best, -np.inf) >= best - 1.0}
-        for rule, d in (("compare", race.decision), ("branch", alone)):
-            row[rule] = {"same": d.ok, "released": truth.get(d.picked, -np.inf) >= best - 1.0, "saved": d.saved}
-        out.append(row)
-    return out
-
-
-def noise_section(scenes: dict, fits: RefitCache, seeds: int, sigma: float, jobs: int, data: Path) -> str:
-    released = {name: {st: fit.A_post for st in scene.steps
-                       if (fit := fits.reference(scene.branch(st), CompareConfig().fit)[0]) is not None}
-                for name, scene in scenes.items()}
-    work = [(seed, sigma, str(data), released) for seed in range(seeds)]
-    if jobs > 1:
-        from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(jobs) as pool:
-            rows = [r for world in pool.map(_noise_world, work) for r in world]
-    else:
-        rows = [r for job in work for r in _noise_world(job)]
-
-    def pct(xs):
-        return f"{100 * float(np.mean(xs)):.0f}%"
-    lines = ["| scene | comparing rule: right vs released / vs same-noise full sweep | saved (mean) | per-branch "
-             "rule: right vs released / vs same-noise | saved (mean) | full sweep itself right vs released |",
-             "| --- | --- | ---: | --- | ---: | ---: |"]
-    for name in [*SCENES, "all"]:
-        rs = [r for r in rows if name in ("all", r["scene"])]
-        cells = []
-        for rule in ("compare", "branch"):
-            cells += [f"{pct([r[rule]['released'] for r in rs])} / {pct([r[rule]['same'] for r in rs])}",
-                      f"{100 * float(np.mean([r[rule]['saved'] for r in rs])):.1f}%"]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {pct([r['full_ok'] for r in rs])} |")
-    return (f"Under evaluation noise: {seeds} replays of every scene, each evaluation (the checkpoint's P_sft "
-            f"included) plus N(0, {sigma:g}^2) points; both rules at their defaults. 'Right vs released': the pick "
-            f"is within 1 point of the best full-branch A_post of the released curves; 'vs same-noise': of the "
-            f"full sweep run on the same perturbed scores; the last column is that full sweep's own pick judged "
-            f"against the released curves:\n\n" + "\n".join(lines))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DATA, help="folder of the RETU scene JSON files")
     ap.add_argument("--append", action="store_true", help="append the tables to benchmarks/RESULTS.md")
-    ap.add_argument("--seeds", type=int, default=0, help="noise replays per scene (0: none; the table uses 50)")
-    ap.add_argument("--sigma", type=float, default=0.5, help="noise of each evaluation, points (default 0.5)")
-    ap.add_argument("--jobs", type=int, default=1, help="processes for the noise replays (default 1)")
     args = ap.parse_args()
     t0 = time.time()
     scenes = {name: load_scene(args.data / f"{name}.json") for name in SCENES}
-    fits = RefitCache()  # every refit and reference fit, shared by all the rules below
-    cache = {name: all_refits(scene, fits) for name, scene in scenes.items()}
+    cache = {name: all_refits(scene) for name, scene in scenes.items()}
     n = {name: len(scene.steps) for name, scene in scenes.items()}
     t_refit = time.time() - t0
 
     sections = []
     tuned = EarlyStopConfig()
-    live = {name: replay_scene(scene, tuned, cache=fits) for name, scene in scenes.items()}  # through the monitor
+    live = {name: replay_scene(scene, tuned) for name, scene in scenes.items()}  # through the monitor itself
     ev = evaluate(cache, tuned)
     for name in SCENES:
         a, b = decide(live[name]), ev[name][0]
@@ -320,22 +171,14 @@ def main() -> None:
                  f"span {best_four.span:g}, min fraction {best_four.min_fraction:g}; misses {', '.join(missed) or '-'})")
     sections.append(f"Leave-one-scene-out tuning over {len(GRID)} rules (tol x patience x span x min fraction):\n\n"
                     + "\n".join(lines) + "\n\n" + note + ".")
-    t_branch = time.time() - t0
-    sections += compare_sections(scenes, fits, ev)
-    t_compare = time.time() - t0 - t_branch
-    if args.seeds:
-        sections.append(noise_section(scenes, fits, args.seeds, args.sigma, args.jobs, args.data))
     elapsed = time.time() - t0
     text = "\n\n".join(sections)
     print(text)
-    print(f"\n(refits {t_refit:.0f} s, per-branch rule {t_branch:.0f} s, comparing rule {t_compare:.0f} s, "
-          f"total {elapsed:.0f} s)")
+    print(f"\n(refits {t_refit:.0f} s, total {elapsed:.0f} s)")
     if args.append:
-        command = "python benchmarks/bench_early_stop.py" + (
-            f" --seeds {args.seeds} --sigma {args.sigma:g} --jobs {args.jobs}" if args.seeds else "") + " --append"
-        header = (f"\n## Early stopping that compares branches, judged by the branch a user picks "
-                  f"(benchmarks/bench_early_stop.py) — {time.strftime('%Y-%m-%d')}\n\n"
-                  f"Command: `{command}` (machine: 2 shared CPU cores; numpy {np.__version__}, scipy "
+        header = (f"\n## Early stopping judged by the branch a user picks (benchmarks/bench_early_stop.py) — "
+                  f"{time.strftime('%Y-%m-%d')}\n\n"
+                  f"Command: `python benchmarks/bench_early_stop.py --append` (CPU; numpy {np.__version__}, scipy "
                   f"{scipy.__version__}, Python {platform.python_version()}; {elapsed:.0f} s). Data: the five released "
                   f"RETU scenes in ../shared/data/retu/. A branch's plan is the branch as released; 'picked' means "
                   f"the best early-stopped A_post is on the branch with the best full-branch A_post or within 1 "

@@ -11,11 +11,15 @@ bf16) and each loss (cross-entropy; GRPO with per-sequence advantages, one seque
 Implementations: ceiling-engine; the floor (cuBLAS time of the three GEMMs on the trained tokens only);
 eager PyTorch (materialised logits); torch.compile of it (compile caches reset per shape); Liger-Kernel's
 fused linear CE / GRPO; Cut Cross-Entropy for CE and GRPO, with its default gradient filtering and exact.
-A row says "not installed" when the package is absent. Printed and appended to benchmarks/RESULTS.md.
+A row says "not installed" when the package is absent. Each row is printed and appended to
+benchmarks/RESULTS.md (or --results) as soon as it is measured (`harness.ResultsStream`), in the order
+floor, ceiling-engine, Liger, CCE, eager, torch.compile: a run cut short keeps the rows that matter most.
 
     .venv/bin/python benchmarks/bench_losses.py                 # GPU, both head shapes
+    .venv/bin/python benchmarks/bench_losses.py --model Qwen2.5-7B --skip "torch.compile(eager)"
     .venv/bin/python benchmarks/bench_losses.py --tokens 4096   # GPU, fewer tokens
     .venv/bin/python benchmarks/bench_losses.py --smoke         # CPU, tiny shapes, Triton interpreter + eager
+    .venv/bin/python benchmarks/bench_losses.py --dry-run       # CPU: arguments, imports, anchors; no CUDA
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import RESULTS, append_results, environment, measure, print_table  # noqa: E402
+from harness import RESULTS, ResultsStream, environment, measure  # noqa: E402
 
 SHAPES = [("Qwen2.5-7B", 3584, 152064), ("Qwen2.5-1.5B", 1536, 151936)]  # (model, H, V)
 SMOKE_SHAPES = [("smoke", 48, 517)]
@@ -149,15 +153,20 @@ def cublas_floor(hidden, weight, labels):
 # ------------------------------------------------------------------------------------------------- driver
 
 
-def implementations(loss, smoke):
-    """(name, factory) pairs; a factory raising ImportError marks the row "not installed"."""
+IMPLS = ["ceiling-engine", "Liger-Kernel", "Cut Cross-Entropy", "Cut Cross-Entropy exact", "eager PyTorch",
+         "torch.compile(eager)"]  # the order rows are measured in: the fused loss and its peers first
+
+
+def implementations(loss, smoke, skip=()):
+    """(name, factory) pairs in IMPLS order; a factory raising ImportError marks the row "not installed"."""
     ours, eager, liger, cce = ((ours_ce, eager_ce, liger_ce, cce_ce) if loss == "cross_entropy" else
                                (ours_grpo, eager_grpo, liger_grpo, cce_grpo))
-    impls = [("ceiling-engine", lambda: ours(None)), ("eager PyTorch", lambda: eager)]
+    impls = [("ceiling-engine", lambda: ours(None)), ("Liger-Kernel", liger), ("Cut Cross-Entropy", lambda: cce("cce")),
+             ("Cut Cross-Entropy exact", lambda: cce("cce_exact")), ("eager PyTorch", lambda: eager),
+             ("torch.compile(eager)", lambda: torch.compile(eager))]
     if smoke:
         impls.insert(1, ("ceiling-engine (torch elementwise)", lambda: ours("torch")))
-    return impls + [("torch.compile(eager)", lambda: torch.compile(eager)), ("Liger-Kernel", liger),
-                    ("Cut Cross-Entropy", lambda: cce("cce")), ("Cut Cross-Entropy exact", lambda: cce("cce_exact"))]
+    return [(name, factory) for name, factory in impls if name not in skip]
 
 
 def reference_grads(loss, hidden, weight, labels, adv_S):
@@ -196,53 +205,76 @@ def bench_impl(fn, args, hidden, weight, ref, device, warmup, iters):
     return dict(errs, time_ms=full["time_ms"], fwd_ms=fwd["time_ms"], peak_bytes=full["peak_bytes"])
 
 
-def bench_shape(model, n, h, v, *, device, dtype, smoke, warmup, iters, seq=SEQ):
+def bench_shape(model, n, h, v, *, device, dtype, smoke, warmup, iters, emit, seq=SEQ, skip=()):
+    """Measure every implementation at one head shape; `emit(row)` gets each row as soon as it is measured."""
     torch._dynamo.reset()  # torch.compile rows compile for this shape, not a cached earlier one
     hidden, weight, labels, adv_S = make_inputs(n, h, v, dtype, device, seq)
     n_trained = int((labels != -100).sum())
     flops = 6 * n_trained * h * v
     floor = measure(cublas_floor(hidden, weight, labels), device, warmup=warmup, iters=iters)["time_ms"]
     base = dict(model=model, N=n, H=h, V=v)
-    rows = [dict(base, loss="-", impl="cuBLAS 3 GEMMs (floor)", time_ms=floor, x_floor=1.0,
-                 tflops=flops / floor / 1e9, note=f"{n_trained} trained tokens; materialises N x V")]
+    emit(dict(base, loss="-", impl="cuBLAS 3 GEMMs (floor)", time_ms=floor, x_floor=1.0,
+              tflops=flops / floor / 1e9, note=f"{n_trained} trained tokens; materialises N x V"))
     for loss in ("cross_entropy", "grpo"):
         ref = reference_grads(loss, hidden, weight, labels, adv_S)
         args = (hidden, weight, labels, adv_S)
-        for name, factory in implementations(loss, smoke):
+        for name, factory in implementations(loss, smoke, skip):
             row = dict(base, loss=loss, impl=name)
             if smoke and name.startswith(("torch.compile", "Liger", "Cut")):
-                rows.append(dict(row, note="skipped in --smoke"))
+                emit(dict(row, note="skipped in --smoke"))
                 continue
             try:
                 fn = factory()
             except ImportError:
-                rows.append(dict(row, note="not installed"))
+                emit(dict(row, note="not installed"))
                 continue
             try:
                 r = bench_impl(fn, args, hidden, weight, ref, device, warmup, iters)
             except torch.cuda.OutOfMemoryError:
                 hidden.grad = weight.grad = None
                 torch.cuda.empty_cache()
-                rows.append(dict(row, note="out of memory"))
+                emit(dict(row, note="out of memory"))
                 continue
             except Exception as exc:  # an anchor's API drift must not kill the whole table
                 hidden.grad = weight.grad = None
-                rows.append(dict(row, note=f"error: {type(exc).__name__}: {str(exc)[:80]}"))
+                emit(dict(row, note=f"error: {type(exc).__name__}: {str(exc)[:80]}"))
                 continue
             peak_bytes = r.pop("peak_bytes")
             peak = None if peak_bytes is None else peak_bytes / 2**30
-            rows.append(dict(row, **r, x_floor=r["time_ms"] / floor, tflops=flops / r["time_ms"] / 1e9,
-                             peak_gib=peak, note=""))
+            emit(dict(row, **r, x_floor=r["time_ms"] / floor, tflops=flops / r["time_ms"] / 1e9, peak_gib=peak,
+                      note=""))
         del ref
     del hidden, weight
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return rows
+
+
+def dry_run(shapes, skip) -> list[str]:
+    """Everything before the first CUDA call: the engine's loss and kernel modules import, and each anchor's
+    factory runs (its imports), so a missing wheel or a renamed API shows on CPU. Returns one line per row."""
+    import ceiling_kernels.linear_loss  # noqa: F401
+    import engine.losses  # noqa: F401
+
+    lines = []
+    for model, n, h, v in shapes:
+        for loss in ("cross_entropy", "grpo"):
+            for name, factory in implementations(loss, False, skip):
+                try:
+                    factory()
+                    state = "ready"
+                except ImportError as exc:
+                    state = f"not installed ({exc.name or exc})"
+                lines.append(f"{model} N={n} H={h} V={v} {loss}: {name}: {state}")
+    return lines
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, Triton interpreter + eager")
+    parser.add_argument("--dry-run", action="store_true", help="check arguments, imports and anchors; no CUDA")
+    parser.add_argument("--model", nargs="+", choices=[m for m, _, _ in SHAPES], default=[m for m, _, _ in SHAPES],
+                        help="head shapes to run, in this order")
+    parser.add_argument("--skip", nargs="+", choices=IMPLS, default=[], help="implementations not to run")
     parser.add_argument("--tokens", type=int, default=16384, help="N tokens per call (a multiple of 512)")
     parser.add_argument("--results", default=str(RESULTS), help="markdown file to append to")
     parser.add_argument("--iters", type=int, default=None)
@@ -253,26 +285,28 @@ def main(argv=None):
         device, dtype, warmup, iters = torch.device("cpu"), torch.float32, 0, args.iters or 1
         shapes, seq = [(m, 32, h, v) for m, h, v in SMOKE_SHAPES], 16
     else:
-        if not torch.cuda.is_available():
-            parser.error("needs a CUDA device (use --smoke on CPU)")
-        device, dtype, warmup, iters = torch.device("cuda"), torch.bfloat16, 3, args.iters or 10
-        shapes, seq = [(m, args.tokens, h, v) for m, h, v in SHAPES], SEQ
         if args.tokens % SEQ:
             parser.error(f"--tokens must be a multiple of {SEQ}")
-    rows = []
-    for model, n, h, v in shapes:
-        rows += bench_shape(model, n, h, v, device=device, dtype=dtype, smoke=args.smoke, warmup=warmup, iters=iters,
-                            seq=seq)
+        shapes, seq = [(m, args.tokens, h, v) for name in args.model for m, h, v in SHAPES if m == name], SEQ
+        if args.dry_run:
+            for line in dry_run(shapes, args.skip):
+                print(line)
+            print("bench_losses --dry-run: arguments, imports and anchors checked; no CUDA call made")
+            return []
+        if not torch.cuda.is_available():
+            parser.error("needs a CUDA device (use --smoke on CPU)")
+        device, dtype, warmup, iters = torch.device("cuda"), torch.bfloat16, 2, args.iters or 10
     title = f"bench_losses{' --smoke' if args.smoke else ''}: fused linear + loss, {dtype}"
     notes = (f"{int(IGNORED * 100)}% ignored tokens; GRPO: one advantage per {seq}-token sequence, r = 1, token "
              "mean. x floor = fwd+bwd time / cuBLAS time of the logits, grad-hidden and grad-weight GEMMs on the "
              "trained tokens; TFLOP/s counts 6 N_trained H V; peak = memory above inputs and gradients; errors "
-             "are relative to a float64 reference (norm-wise for gradients).")
-    env = environment(device)
-    print_table(title, rows, COLUMNS)
-    if not args.no_append:
-        append_results(title, env, rows, COLUMNS, notes=notes, path=args.results)
-    return rows
+             "are relative to a float64 reference (norm-wise for gradients). Rows appended as measured.")
+    stream = ResultsStream(title, environment(device), COLUMNS, notes=notes,
+                           path=None if args.no_append else args.results)
+    for model, n, h, v in shapes:
+        bench_shape(model, n, h, v, device=device, dtype=dtype, smoke=args.smoke, warmup=warmup, iters=iters,
+                    emit=stream.row, seq=seq, skip=args.skip)
+    return stream.rows
 
 
 if __name__ == "__main__":

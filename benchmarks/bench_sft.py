@@ -3,6 +3,7 @@
     python benchmarks/bench_sft.py                                    # GPU: Qwen2.5-1.5B and 0.5B shapes
     python benchmarks/bench_sft.py --model-config configs/models/qwen2.5-0.5b.json --micro-batch-tokens 8192
     python benchmarks/bench_sft.py --smoke                            # CPU, tiny model: checks the script runs
+    python benchmarks/bench_sft.py --dry-run                          # CPU: arguments, configs, imports; no CUDA
 
 Every implementation trains the same randomly initialised model on the same `--sequences` lognormal-length
 sequences (mean ~900 tokens) per optimizer step, with the same objective: the sum of next-token losses
@@ -21,7 +22,9 @@ AdamW. Rows:
                       `padding_free` runs), plus Liger's kernels and fused linear cross-entropy on GPU
 tokens/s counts real tokens (no padding). MFU counts 6 x matmul params per token + causal attention from
 the real lengths (engine/flops.py `mfu_step_flops`). The first-step loss of every row is printed: they are
-the same objective on the same weights, so they must agree. Appends the table to benchmarks/RESULTS.md.
+the same objective on the same weights, so they must agree. Rows run in the order of IMPLS (the baseline
+first, since every row's speedup is against it; the inductor compile last) and each is printed and appended to
+benchmarks/RESULTS.md (or --results) as soon as it is measured, so a run cut short keeps what it finished.
 """
 
 from __future__ import annotations
@@ -40,16 +43,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from harness import append_results, environment, print_table  # noqa: E402
+from harness import RESULTS, ResultsStream, environment  # noqa: E402
 
 from engine import flops as flops_lib  # noqa: E402
-from engine.config import DataConfig, KernelConfig, ModelConfig, RunConfig, SFTConfig, SFTJobConfig  # noqa: E402  # noqa: E402
+from engine.config import DataConfig, KernelConfig, ModelConfig, RunConfig, SFTConfig, SFTJobConfig  # noqa: E402
 from engine.data.token_store import TokenStore, write_token_store  # noqa: E402
 from engine.distributed import destroy_distributed  # noqa: E402
 from engine.models import build_model  # noqa: E402
 from engine.sft.trainer import SFTTrainer  # noqa: E402
 
 PROMPT_TOKENS = 64  # no loss on the first tokens of each sequence, as on a chat prompt
+IMPLS = ["hf padded random", "engine", "engine+liger", "hf padding-free", "hf padded grouped", "engine+compile"]
+COLUMNS = [("model", "model", ""), ("impl", "impl", ""), ("micro_batches", "micro-batches", "d"),
+           ("step_s", "step (s)", ".3f"), ("tokens_per_s", "tokens/s", ",.0f"), ("speedup", "x hf padded random", ".2f"),
+           ("mfu", "MFU (%)", ".1f"), ("peak_gib", "peak (GiB)", ".1f"), ("first_loss", "first-step loss", ".6f")]
 
 
 def make_sequences(n: int, mean: float, cap: int, vocab: int, seed: int) -> list[list[int]]:
@@ -154,7 +161,7 @@ def timed(step, device, warmup: int, steps: int):
     return seconds, peak, first_loss, n_micro
 
 
-def main() -> None:
+def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-config", nargs="+", default=[str(ROOT / "configs/models/qwen2.5-1.5b.json"),
                                                           str(ROOT / "configs/models/qwen2.5-0.5b.json")])
@@ -165,34 +172,49 @@ def main() -> None:
     ap.add_argument("--pad-batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--impl", nargs="+", default=None, help="subset of rows to run (default: all that apply)")
+    ap.add_argument("--impl", nargs="+", choices=IMPLS, default=None,
+                    help="subset of rows to run (default: all that apply), always in IMPLS order")
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, 1 step: checks the script runs")
+    ap.add_argument("--dry-run", action="store_true", help="check arguments, model configs and imports; no CUDA")
+    ap.add_argument("--results", default=str(RESULTS), help="markdown file to append to")
     ap.add_argument("--no-record", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.smoke:
         args.model_config = [str(ROOT / "configs/models/tiny-qwen2.json")]
         args.sequences, args.mean_len, args.max_len, args.micro_batch_tokens = 8, 100, 160, 512
         args.steps, args.warmup, args.no_record = 1, 1, True
+    dims = {config: flops_lib.model_dims(config) for config in args.model_config}  # a bad config fails here
     os.environ.setdefault("TRITON_INTERPRET", "0")
+    if args.dry_run:
+        if "engine+liger" in (args.impl or IMPLS) or "hf padding-free" in (args.impl or IMPLS):
+            import liger_kernel.transformers  # noqa: F401  (the GPU rows' kernels)
+        for config, d in dims.items():
+            print(f"{Path(config).stem}: vocab {d.vocab}; rows {', '.join(args.impl or IMPLS)}")
+        print("bench_sft --dry-run: arguments, model configs and imports checked; no CUDA call made")
+        return []
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device_type)
     dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
     peak = flops_lib.peak_flops(torch.device(device_type, 0) if device_type == "cuda" else device)
-    impls = ["engine", "engine+compile", "engine+liger", "hf padded random", "hf padded grouped", "hf padding-free"]
+    impls = list(IMPLS)
     if device_type != "cuda":
         impls.remove("engine+liger")  # Liger's RMSNorm/SwiGLU kernels need a GPU (see tests/test_patches.py)
     if args.smoke:
         impls.remove("engine+compile")  # minutes of inductor compile on CPU; tests/test_patches.py covers it
     impls = [i for i in impls if args.impl is None or i in args.impl]
-    rows = []
+    title = (f"SFT train step: {args.sequences} sequences/step, lognormal mean {args.mean_len:.0f} tokens (max "
+             f"{args.max_len}), budget {args.micro_batch_tokens} tokens/micro-batch, padded batches of {args.pad_batch}")
+    stream = ResultsStream(title, environment(device), COLUMNS, path=None if args.no_record else args.results,
+                           notes="MFU: 6 x matmul params per token + causal attention from real lengths "
+                                 "(engine/flops.py). Rows appended as measured.")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for config in args.model_config:
-            vocab = flops_lib.model_dims(config).vocab
-            seqs = make_sequences(args.sequences, args.mean_len, args.max_len, vocab, seed=0)
+            seqs = make_sequences(args.sequences, args.mean_len, args.max_len, dims[config].vocab, seed=0)
             store = TokenStore(write_token_store(work / f"store-{Path(config).stem}", ((s, loss_mask(s)) for s in seqs)))
             tokens = sum(len(s) for s in seqs)
             flops = flops_lib.mfu_step_flops(config, [len(s) for s in seqs])
+            base = None
             for impl in impls:
                 if impl.startswith("engine"):
                     kernels = KernelConfig(compile=impl == "engine+compile", liger_rms_norm=impl == "engine+liger",
@@ -201,28 +223,17 @@ def main() -> None:
                 else:
                     step = hf_step_fn(config, seqs, args, device, dtype, impl.split()[-1])
                 seconds, mem, first_loss, n_micro = timed(step, device, args.warmup, args.steps)
-                rows.append({"model": Path(config).stem, "impl": impl, "micro_batches": n_micro, "step_s": seconds,
-                             "tokens_per_s": tokens / seconds, "mfu": 100 * flops / seconds / peak if peak else None,
-                             "peak_gib": mem, "first_loss": first_loss})
+                if impl == "hf padded random":
+                    base = tokens / seconds
+                stream.row({"model": Path(config).stem, "impl": impl, "micro_batches": n_micro, "step_s": seconds,
+                            "tokens_per_s": tokens / seconds, "speedup": tokens / seconds / base if base else None,
+                            "mfu": 100 * flops / seconds / peak if peak else None, "peak_gib": mem,
+                            "first_loss": first_loss})
                 del step
                 destroy_distributed()
                 if device_type == "cuda":
                     torch.cuda.empty_cache()
-            base = next((r["tokens_per_s"] for r in rows if r["model"] == Path(config).stem
-                         and r["impl"] == "hf padded random"), None)
-            for r in rows:
-                if r["model"] == Path(config).stem and base:
-                    r["speedup"] = r["tokens_per_s"] / base
-    columns = [("model", "model", ""), ("impl", "impl", ""), ("micro_batches", "micro-batches", "d"),
-               ("step_s", "step (s)", ".3f"), ("tokens_per_s", "tokens/s", ",.0f"),
-               ("speedup", "x hf padded random", ".2f"), ("mfu", "MFU (%)", ".1f"), ("peak_gib", "peak (GiB)", ".1f"),
-               ("first_loss", "first-step loss", ".6f")]
-    title = (f"SFT train step: {args.sequences} sequences/step, lognormal mean {args.mean_len:.0f} tokens (max "
-             f"{args.max_len}), budget {args.micro_batch_tokens} tokens/micro-batch, padded batches of {args.pad_batch}")
-    print_table(title, rows, columns)
-    if not args.no_record:
-        append_results(title, environment(device), rows, columns,
-                       notes="MFU: 6 x matmul params per token + causal attention from real lengths (engine/flops.py).")
+    return stream.rows
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ allocated before it (minus `exclude_bytes`, e.g. the gradients the call is expec
 runs before that measured call (e.g. freeing the previous call's gradients, so they are not counted as
 already allocated and then subtracted again).
 `append_results` appends a markdown section to benchmarks/RESULTS.md (never rewrites it; others append too)
-with the device, versions, commit and date.
+with the device, versions, commit and date. `ResultsStream` does the same one row at a time: header first,
+then each row printed and appended (flushed) as soon as it is measured, so a run cut short by a timeout keeps
+every row it finished.
 """
 
 from __future__ import annotations
@@ -80,13 +82,18 @@ def fmt(value, spec: str) -> str:
     return format(value, spec)
 
 
+def table_header(columns: list[tuple[str, str, str]]) -> str:
+    return "| " + " | ".join(h for _, h, _ in columns) + " |\n" + "|" + "|".join("---" for _ in columns) + "|"
+
+
+def table_row(r: dict, columns: list[tuple[str, str, str]]) -> str:
+    cells = [r.get(k) if isinstance(r.get(k), str) else fmt(r.get(k), spec) for k, _, spec in columns]
+    return "| " + " | ".join(cells) + " |"
+
+
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """Markdown table; columns are (key, header, format spec); missing values print as '-'."""
-    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for r in rows:
-        cells = [r.get(k) if isinstance(r.get(k), str) else fmt(r.get(k), spec) for k, _, spec in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join([table_header(columns)] + [table_row(r, columns) for r in rows])
 
 
 def print_table(title: str, rows: list[dict], columns) -> None:
@@ -102,3 +109,33 @@ def append_results(title: str, env: dict, rows: list[dict], columns, notes: str 
     text = f"\n## {title}\n\n{header}\n\n" + (f"{notes}\n\n" if notes else "") + format_table(rows, columns) + "\n"
     with path.open("a") as f:
         f.write(text)
+
+
+class ResultsStream:
+    """A results section written as it is measured: `row(r)` prints the row and appends it to `path` at once.
+
+    The header (title, environment, notes, column header) is printed and appended when the stream opens, so
+    the file holds a well-formed (if shorter) table whenever the process stops. `path=None`: print only.
+    `rows` keeps what was written, for callers that post-process or return them.
+    """
+
+    def __init__(self, title: str, env: dict | None, columns, notes: str = "", path: Path | str | None = RESULTS):
+        self.columns, self.rows = columns, []
+        self.path = None if path is None else Path(path)
+        header = "" if env is None else ", ".join(f"{k}: {v}" for k, v in env.items()) + "\n\n"
+        text = f"\n## {title}\n\n{header}" + (f"{notes}\n\n" if notes else "") + table_header(columns)
+        print(f"\n### {title}\n\n{header}{table_header(columns)}", flush=True)
+        self._append(text + "\n")
+
+    def _append(self, text: str) -> None:
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(text)
+                f.flush()
+
+    def row(self, r: dict) -> dict:
+        self.rows.append(r)
+        line = table_row(r, self.columns)
+        print(line, flush=True)
+        self._append(line + "\n")
+        return r

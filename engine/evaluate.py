@@ -36,6 +36,7 @@ from engine.data.tokenizer import load_tokenizer
 from engine.errors import CeilingError
 from engine.reward import score_responses
 from engine.rollout import Rollout, SamplingParams, build_rollout
+from engine.rollout.build import resolve_backend
 
 log = logging.getLogger("ceiling")
 
@@ -136,6 +137,7 @@ def eval_rollout(rollout_cfg: RolloutConfig, model_cfg: ModelConfig, tokenizer, 
     """A rollout backend for evaluation, holding `model_cfg`'s weights (checkpoints arrive by `sync_weights`).
 
     vLLM sizes the engine for evaluation alone: no sleep (nothing trains beside it)."""
+    rollout_cfg = resolve_backend(rollout_cfg)
     if rollout_cfg.backend == "vllm":
         rollout_cfg = replace(rollout_cfg, sleep_level=0)
     return build_rollout(rollout_cfg, model_cfg, tokenizer, info, workdir=workdir, seed=seed,

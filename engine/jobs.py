@@ -9,6 +9,11 @@ that the capability modules never import the CLI entry point.
 from __future__ import annotations
 
 import argparse
+import logging
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
 def run_job(args: argparse.Namespace, job_cls, runner) -> int:
@@ -16,7 +21,6 @@ def run_job(args: argparse.Namespace, job_cls, runner) -> int:
     from engine.config import load_config
     from engine.config.jobs import check_inputs
     from engine.distributed import destroy_distributed
-    from engine.metrics import setup_logging
 
     setup_logging()
     job = load_config(args.config, job_cls, args.overrides)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from engine.config import (
 )
 from engine.distributed import destroy_distributed
 from engine.rl.trainer import RLTrainer
+from engine.rundir.files import write_json_atomic
 from engine.sft.trainer import SFTTrainer
 
 log = logging.getLogger("ceiling")
@@ -52,9 +54,7 @@ class Pipeline:
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"done": []}
 
     def _save_state(self) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1))
-        tmp.replace(self.state_path)
+        write_json_atomic(self.state_path, self.state)
 
     def _stop_rule(self):
         policy, cfg = self.job.pipeline.switch, self.job.sft
@@ -112,7 +112,7 @@ class Pipeline:
                   "sft_exaflops": summary["exaflops"], "checkpoint": str(self.root / "sft" / "checkpoints" /
                                                                         checkpoint_name(step)),
                   "val_history": history}
-        (self.root / "switch.json").write_text(json.dumps(switch, indent=1))
+        write_json_atomic(self.root / "switch.json", switch)
         log.info("switch to RL: %s", reason)
         self.state["switch"] = switch
 
@@ -123,8 +123,10 @@ class Pipeline:
             if "base" not in self.state:
                 # The rollout backend starts from the base model's weights (model.path or the seeded init), so
                 # the base is scored before the first weight sync, by the same backend: no second copy.
-                self.state["base"] = {"pass@1": 100 * trainer.evaluate(samples=job.pipeline.eval_samples),
-                                      "samples": job.pipeline.eval_samples, "backend": trainer.rollout.backend}
+                t0 = time.perf_counter()
+                pass1 = 100 * trainer.evaluate(samples=job.pipeline.eval_samples)
+                self.state["base"] = {"pass@1": pass1, "samples": job.pipeline.eval_samples,
+                                      "backend": trainer.rollout.backend, "seconds": round(time.perf_counter() - t0, 3)}
                 self._save_state()
             summary = trainer.fit()
         finally:

@@ -9,47 +9,38 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from engine.analysis.phases import classify_subphases  # noqa: E402
-from engine.metrics import read_metrics  # noqa: E402
-
-PHASE_COLORS = {"Adaptive": "#dbe9f6", "Stable": "#d5f0d5", "Mild": "#fbeccb", "Severe": "#f7d4d4"}
-GFLOPS_PER_EFLOPS = 1e9
+from engine.analysis.phases import classify_subphases
+from engine.plots import GFLOPS_PER_EFLOPS, SFT_COLOR, shade_subphases
+from engine.rundir.files import write_json_atomic
+from engine.rundir.metrics import read_metrics
 
 
 def _plot_sft(val_history, switch, d1, d2, path: Path) -> None:
     steps = [h["step"] for h in val_history]
     losses = [h["val_loss"] for h in val_history]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    labels = classify_subphases(losses, d1, d2)
-    for i, label in enumerate(labels):  # shade each validation interval by its sub-phase
-        lo = steps[i - 1] if i else 0
-        ax.axvspan(lo, steps[i], color=PHASE_COLORS[label], lw=0)
-    ax.plot(steps, losses, "o-", color="#1f4e79", ms=3, label="validation loss")
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    shade_subphases(ax, steps, classify_subphases(losses, d1, d2))
+    ax.plot(steps, losses, "o-", color=SFT_COLOR, ms=3, label="validation loss")
     ax.axvline(switch["step"], color="#c00000", ls="--", label=f"switch checkpoint (step {switch['step']})")
     if switch["sft_steps_run"] != switch["step"]:
         ax.axvline(switch["sft_steps_run"], color="#7f7f7f", ls=":", label=f"SFT stopped (step {switch['sft_steps_run']})")
-    for label, color in PHASE_COLORS.items():
-        ax.fill_between([], [], color=color, label=label)
     ax.set_xlabel("SFT step")
     ax.set_ylabel("validation loss (token mean)")
     ax.set_title("SFT: validation loss and sub-phases")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _plot_rl(records, evals, path: Path) -> None:
     train = [r for r in records if "rollout/reward_mean" in r]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    a, b = fig.subplots(1, 2)
     a.plot([r["step"] for r in train], [r["rollout/reward_mean"] for r in train], ".-", color="#2e75b6")
     a.set_xlabel("RL step")
     a.set_ylabel("rollout reward (mean, T=1)")
@@ -66,11 +57,11 @@ def _plot_rl(records, evals, path: Path) -> None:
         top.set_xlabel("RL compute (GFLOPs)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _plot_bars(values: dict[str, float], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     bars = ax.bar(list(values), list(values.values()), color=["#a6a6a6", "#2e75b6", "#c55a11"])
     for bar, v in zip(bars, values.values()):
         ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom")
@@ -78,7 +69,6 @@ def _plot_bars(values: dict[str, float], path: Path) -> None:
     ax.set_title("Final pass@1")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def retu_curves(name: str, switch: dict, base: float, evals: list[dict], n_eval: int) -> dict:
@@ -118,7 +108,7 @@ def write_run_report(job, root: Path, state: dict) -> Path:
     if job.rl.eval_max_prompts:
         n_eval = min(n_eval, job.rl.eval_max_prompts)
     if evals:
-        (root / "curves.json").write_text(json.dumps(retu_curves(job.run.name, switch, base, evals, n_eval), indent=1))
+        write_json_atomic(root / "curves.json", retu_curves(job.run.name, switch, base, evals, n_eval))
     train = [r for r in records if "rollout/reward_mean" in r]
     labels = classify_subphases([h["val_loss"] for h in history], job.sft.subphase_d1, job.sft.subphase_d2) \
         if history else []

@@ -22,8 +22,7 @@ from engine.analysis import (
 from engine.analysis.cli import register
 from engine.errors import CeilingError
 
-RETU = Path(__file__).resolve().parents[1].parent / "shared/data/retu"
-needs_retu = pytest.mark.skipif(not RETU.is_dir(), reason=f"RETU curves not found at {RETU}")
+RETU = Path(__file__).resolve().parent / "data" / "retu"  # vendored: tests/data/retu/README.md
 
 
 def branch(A=8.0, C_mid=12.0, B=1.6, n=40, x_max=60.0, noise=0.05, seed=0, p_sft=70.0, y=None):
@@ -183,7 +182,6 @@ def test_decide_picks_by_the_stop_prediction_and_scores_against_the_full_fit():
     assert d.to_dict()["error_max"] == pytest.approx(2.3)
 
 
-@needs_retu
 def test_tuned_rule_picks_the_best_branch_in_the_hardest_released_scene():
     """On the paper's s1K curves (benchmarks/bench_early_stop.py has all five scenes), where the best branch
     rises only late: the best early-stopped A_post is on the full sweep's best branch, 43% of RL compute saved;
@@ -214,11 +212,9 @@ def run(argv):
     return args.func(args)
 
 
-@needs_retu
 def test_cli_early_stop_on_a_real_scene(tmp_path, capsys):
-    """The per-branch rule through the CLI (the comparing rule, the default, is in test_analysis_race.py)."""
     out = tmp_path / "es"
-    assert run(["fit", str(RETU / "general.json"), "--early-stop", "--rule", "branch", "--out", str(out)]) == 0
+    assert run(["fit", str(RETU / "general.json"), "--early-stop", "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
     assert "| SFT step | points used/total | EFLOPs used/total | compute saved |" in stdout
     assert "branches early" in stdout and "Best branch: early-stopped sweep picks SFT step" in stdout

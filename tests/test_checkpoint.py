@@ -23,7 +23,7 @@ import torch
 from engine import checkpoint as ckpt
 from engine.checkpoint import latest_checkpoint, resume_latest, save_checkpoint, verify_checkpoint
 from engine.errors import CheckpointError
-from engine.run_lock import RunLockError, acquire_run_lock, release_run_lock
+from engine.rundir.run_lock import RunLockError, acquire_run_lock, release_run_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -311,7 +311,7 @@ def test_disk_full_through_the_cli_is_one_error_line(tmp_path, monkeypatch, caps
 
 # ---------------------------------------------------------------- the run-directory lock
 
-_LOCK_SCRIPT = "import sys; from engine.run_lock import acquire_run_lock; acquire_run_lock(sys.argv[1]); print('got it')"
+_LOCK_SCRIPT = "import sys; from engine.rundir.run_lock import acquire_run_lock; acquire_run_lock(sys.argv[1]); print('got it')"
 
 
 def _lock_in_subprocess(run_dir):

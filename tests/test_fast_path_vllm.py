@@ -27,8 +27,12 @@ def vllm_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     import os
 
-    os.environ.pop("TRITON_INTERPRET", None)
-    assert main(["run", "configs/tiny.yaml"] + sets(SHORT_RUN + [f"run.output_dir={root}", "rollout.backend=vllm"])) == 0
+    interpret = os.environ.pop("TRITON_INTERPRET", None)  # the torch loss path, as users get it
+    try:
+        assert main(["run", "configs/tiny.yaml"] + sets(SHORT_RUN + [f"run.output_dir={root}", "rollout.backend=vllm"])) == 0
+    finally:  # later test modules run the Triton kernels in the interpreter
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
     return root / "tiny"
 
 

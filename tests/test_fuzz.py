@@ -345,10 +345,15 @@ def test_fuzz_fit_json(tmp_path, capsys):
     assert counts["rejected"] > n_cases // 2 and counts["accepted"] > 0
 
 
-def test_data_source_conflict_names_the_fix(capsys, no_run):
+def test_data_source_conflict_names_the_fix(capsys, no_run, tmp_path):
     config = str(ROOT / "configs" / "sft-tiny.yaml")
-    code, err = _run_cli(["sft", config, "--set", "data.train_path=rows.jsonl"], capsys)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "q", "response": "a"}\n')
+    code, err = _run_cli(["sft", config, "--set", f"data.train_path={rows}"], capsys)
     last = err.strip().splitlines()[-1]
     assert code == 2 and "--set data.synthetic=null" in last and "data: data:" not in last, last
-    assert _run_cli(["sft", config, "--set", "data.train_path=rows.jsonl", "--set", "data.synthetic=null"],
+    assert _run_cli(["sft", config, "--set", f"data.train_path={rows}", "--set", "data.synthetic=null"],
                     capsys)[0] == 0
+    code, err = _run_cli(["sft", config, "--set", f"data.train_path={tmp_path / 'none.jsonl'}", "--set",
+                          "data.synthetic=null"], capsys)  # a missing file is named before any work
+    assert code == 2 and "data.train_path" in err and "does not exist" in err, err

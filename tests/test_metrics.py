@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from engine.config import RunConfig
-from engine.metrics import MetricsLogger, make_run_dir, read_metrics
+from engine.rundir.metrics import MetricsLogger, make_run_dir, read_metrics
 
 
 def test_run_dir_snapshot_and_metrics(tmp_path):

@@ -18,8 +18,8 @@ from engine.config import (
 from engine.data.synthetic import SyntheticTaskConfig
 from engine.data.tokenizer import build_char_tokenizer
 from engine.errors import ConfigError
-from engine.metrics import read_metrics
 from engine.pipeline import Pipeline
+from engine.rundir.metrics import read_metrics
 
 pytestmark = pytest.mark.usefixtures("trainer_env")  # tests/conftest.py
 

@@ -15,8 +15,8 @@ from engine.cli import main as cli_main
 from engine.config import PretrainCorpusConfig
 from engine.data.synthetic import SyntheticTaskConfig, task_problems
 from engine.data.tokenizer import build_char_tokenizer
-from engine.metrics import read_metrics
 from engine.pretrain import build_corpus, facts
+from engine.rundir.metrics import read_metrics
 
 pytestmark = pytest.mark.usefixtures("trainer_env")  # tests/conftest.py
 ROOT = Path(__file__).resolve().parents[1]

@@ -250,8 +250,8 @@ def test_reference_clipping():
     close(logp.grad, [0.0, 0.0, -1.1])  # d(-r A)/dlogp = -r A where unclipped
 
 
-def test_matches_fused_loss_when_available():
-    losses = pytest.importorskip("engine.losses")
+def test_matches_fused_loss():
+    from engine import losses  # a broken import fails here, not skips
     torch.manual_seed(0)
     hidden, weight = torch.randn(9, 8), torch.randn(11, 8)
     targets = torch.randint(0, 11, (9,))

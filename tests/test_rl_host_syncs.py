@@ -121,10 +121,6 @@ def _run(d, settings, old: bool = True):
     return counter.syncs, host_reads, out, stats, loss_fn
 
 
-NORMALIZERS_SYNC = pytest.mark.xfail(
-    strict=True, reason="engine/rl/normalizers.py (_seq_token_counts, under per_sequence_mean and "
-    "seq-mean-token-mean) calls repeat_interleave without output_size: one sync per micro-batch, left to its owner")
-
 
 @pytest.mark.parametrize("algorithm,aggregation,kl", [
     ("grpo", "token-mean", False),
@@ -134,8 +130,8 @@ NORMALIZERS_SYNC = pytest.mark.xfail(
     ("luffy", "token-mean", False),
     ("upt", "token-sum-norm", False),
     ("upt", "token-mean", True),
-    pytest.param("srft", "token-mean", False, marks=NORMALIZERS_SYNC),
-    pytest.param("grpo", "seq-mean-token-mean", False, marks=NORMALIZERS_SYNC),
+    ("srft", "token-mean", False),
+    ("grpo", "seq-mean-token-mean", False),
 ])
 def test_micro_batch_loss_path_has_no_host_sync(algorithm, aggregation, kl):
     """Fails on the code before issue #21: `int(cu_seqlens[-1])` in to_tokens, `repeat_interleave` without

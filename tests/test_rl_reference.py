@@ -333,8 +333,8 @@ def test_upt_trainer_packs_and_counts_only_what_the_gate_trains(tmp_path):
     trajectories reach the update, and the step's compute is Eq. 26 with N_on = 0, N_off = 1."""
     from engine.config import DataConfig, ModelConfig, RLConfig, RLJobConfig, RunConfig
     from engine.data.tokenizer import build_char_tokenizer
-    from engine.metrics import read_metrics
     from engine.rl.trainer import RLTrainer
+    from engine.rundir.metrics import read_metrics
 
     model = tmp_path / "model.json"
     model.write_text(json.dumps(dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -10,8 +10,8 @@ from engine.data.synthetic import SyntheticTaskConfig
 from engine.data.tokenizer import build_char_tokenizer
 from engine.distributed import destroy_distributed
 from engine.errors import DataError
-from engine.metrics import read_metrics
 from engine.rl.trainer import RLTrainer, run_rl
+from engine.rundir.metrics import read_metrics
 from engine.sft.trainer import run_sft
 
 TASK = dict(num_train=2000, num_val=16, num_rl=64, num_eval=8, min_ops=1, max_ops=3, max_digits=1, seed=3)

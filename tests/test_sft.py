@@ -12,7 +12,7 @@ from engine.config import DataConfig, ModelConfig, RunConfig, SFTConfig, SFTJobC
 from engine.data.synthetic import SyntheticTaskConfig
 from engine.data.tokenizer import build_char_tokenizer
 from engine.distributed import destroy_distributed
-from engine.metrics import read_metrics
+from engine.rundir.metrics import read_metrics
 from engine.sft.trainer import SFTTrainer, run_sft
 from engine.training import NonFiniteError
 

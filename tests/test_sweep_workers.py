@@ -135,7 +135,7 @@ def test_claim_is_exclusive_and_released(tmp_path):
     lock = rd.try_claim("s/sft")
     assert lock is not None and rd.try_claim("s/sft") is None  # this process is alive: not stale
     holder = rd.holder("s/sft")
-    assert holder["pid"] == os.getpid() and holder["heartbeat_age"] < 5 and rd.stale_reason(holder) is None
+    assert holder["pid"] == os.getpid() and holder["age"] < 5 and rd.stale_reason(holder) is None
     rd.release(lock)
     assert rd.holder("s/sft") is None and rd.try_claim("s/sft") is not None
 
@@ -171,7 +171,7 @@ def test_one_taker_wins_a_stale_lock(tmp_path, monkeypatch):
         real_rename(src, dst)
         time.sleep(0.005)
 
-    monkeypatch.setattr("engine.sweep.worker.os.rename", slow_rename)
+    monkeypatch.setattr("engine.rundir.lock.os.rename", slow_rename)
     names = [f"s/rl/{i}" for i in range(12)]
     rd = RunDir(tmp_path, stale_after=60)
     for name in names:

@@ -6,13 +6,10 @@
     res.A_post, res.PL_rl, res.C_mid, res.B
     stop = replay_branch(scene.branch(360))        # when the branch could have stopped, at what error
     stop.points_used, stop.saved, stop.error
-    race = replay_race(scene)                      # all branches side by side: stop the clearly losing ones
-    race.decision.ok, race.decision.saved
 
 Modules: `data` (scene JSON -> branch fit data), `fit` (model, plain fit, LTS, outlier rejection, metrics),
 `phases` (SFT sub-phases, min-val-loss/A_post correlation), `early_stop` (refit after each evaluation, stop
-a branch once A_post is stable; `OnlineCeilingMonitor` for live sweeps), `race` (compare the branches of a
-sweep and stop the clearly losing ones; `decide_branches` for live sweeps), `report` (tables, plots), `cli`
+a branch once A_post is stable; `OnlineCeilingMonitor` for live sweeps), `report` (tables, plots), `cli`
 (`ceiling fit`).
 """
 
@@ -22,7 +19,6 @@ from engine.analysis.early_stop import (
     EarlyStopResult,
     OnlineCeilingMonitor,
     Refit,
-    RefitCache,
     replay_branch,
     replay_scene,
 )
@@ -36,14 +32,11 @@ from engine.analysis.phases import (
     current_subphase,
     subphase_spans,
 )
-from engine.analysis.race import BranchRace, CompareConfig, RaceResult, Verdict, decide_branches, replay_race
 
 __all__ = [
     "Branch", "Scene", "load_scene", "parse_scene", "weighted_overall",
     "FitConfig", "FitError", "FitResult", "fit_branch", "fit_points", "fit_scene", "sigmoid",
     "Correlation", "SubphaseSpan", "best_a_post", "ceiling_correlation", "classify_subphases",
     "current_subphase", "subphase_spans",
-    "EarlyStopConfig", "EarlyStopResult", "OnlineCeilingMonitor", "Refit", "RefitCache", "replay_branch",
-    "replay_scene",
-    "BranchRace", "CompareConfig", "RaceResult", "Verdict", "decide_branches", "replay_race",
+    "EarlyStopConfig", "EarlyStopResult", "OnlineCeilingMonitor", "Refit", "replay_branch", "replay_scene",
 ]

@@ -3,26 +3,19 @@
     ceiling fit DATA.json --branch STEP [--train-start S] [--train-points K] [--outlier-threshold T]
                           [--lts-alpha A] [--free-c0] [--json OUT] [--out DIR]
     ceiling fit DATA.json --all [--out DIR] [same fit options] [--json OUT]
-    ceiling fit DATA.json --early-stop [--rule compare|branch] [--k K] [--se-floor S] [--margin M]
-                          [--compare-min-points N] [--compare-min-fraction G]
-                          [--tol T] [--patience K] [--min-points M] [--min-fraction F] [--span S]
+    ceiling fit DATA.json --early-stop [--tol T] [--patience K] [--min-points M] [--min-fraction F] [--span S]
                           [--out DIR] [--outlier-threshold T] [--lts-alpha A] [--free-c0] [--json OUT]
 
 --branch prints a one-line summary (warnings go to stderr) and, with --json, writes the result object
 (P_sft, PL_rl, A_post, C_mid, B, C0, r2_train, rmse_val, r2_val, n_train, n_val, n_outliers, ...);
 with --out it also draws branch.png. --all prints the Table-4-like table and writes table.md/.csv/.json,
 branches.png and a_post.png under --out (default: fit-<scene>). Exit status 0, or 1 when some branch of
---all could not be fitted. --early-stop replays the scene under an early-stopping rule. --rule compare (the
-default, engine/analysis/race.py) interleaves the branches by compute, as a sweep running them side by side
-would, and at every evaluation stops the branches whose optimistic ceiling (A_post + K SE) is below the best
-branch's pessimistic one (A_post - K SE; SE from the fit's covariance combined with S points), besides those
-the per-branch rule settles; --rule branch replays each branch alone through `early_stop.OnlineCeilingMonitor`
-(refit after each evaluation, stop once the last K predicted A_post agree within T points and at least F of the
-branch's compute is spent; these flags set the per-branch rule in both modes). It prints the table (per branch:
-points and EFLOPs used, compute saved, why it stopped, the ceiling at the stop vs. the full fit, |error|) and
-the branch a user would pick against the full sweep's best, and writes early_stop.md/.json and early_stop.png
-under --out (default: fit-<scene>); exit 1 when some branch's full fit failed. Bad input raises
-`CeilingError` (the main CLI prints it and exits 2).
+--all could not be fitted. --early-stop replays every branch through `early_stop.OnlineCeilingMonitor`
+(refit after each evaluation, stop once the last K predicted A_post agree within T points and at least F
+of the branch's compute is spent), prints the table (points and EFLOPs used, compute saved, A_post at the
+stop vs. the full fit, |error|) and the branch a user would pick against the full sweep's best, and writes
+early_stop.md/.json and early_stop.png under --out (default: fit-<scene>); exit 1 when some branch's full
+fit failed. Bad input raises `CeilingError` (the main CLI prints it and exits 2).
 
 Without the main CLI: `python -m engine.analysis.cli fit DATA.json --all`.
 """
@@ -37,12 +30,10 @@ from pathlib import Path
 from engine.analysis.data import load_scene
 from engine.analysis.early_stop import EarlyStopConfig, decide, replay_scene
 from engine.analysis.fit import FitConfig, FitResult, fit_branch, fit_scene
-from engine.analysis.race import CompareConfig, replay_race
 from engine.analysis.report import (
     Row,
     early_stop_markdown,
     markdown_table,
-    plot_a_post,
     plot_branches,
     plot_early_stop,
     rows_from,
@@ -50,6 +41,7 @@ from engine.analysis.report import (
     write_tables,
 )
 from engine.errors import CeilingError
+from engine.plots import plot_a_post
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -63,23 +55,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     which.add_argument("--early-stop", action="store_true",
                        help="replay every branch, refitting after each evaluation, and report when it could "
                             "have stopped (compute saved, A_post error)")
-    race = CompareConfig()
-    p.add_argument("--rule", choices=("compare", "branch"), default="compare",
-                   help="--early-stop: compare the branches (stop the clearly losing ones, default) or judge each "
-                        "branch alone")
-    p.add_argument("--k", type=float, default=race.k, metavar="K",
-                   help=f"--rule compare: bound width in standard errors (default {race.k:g})")
-    p.add_argument("--se-floor", type=float, default=race.se_floor, metavar="S",
-                   help=f"--rule compare: points added in quadrature to each fit's SE (default {race.se_floor:g})")
-    p.add_argument("--margin", type=float, default=race.margin, metavar="M",
-                   help=f"--rule compare: branches within M points of the leader keep running, and the pick is "
-                        f"right within M of the best (default {race.margin:g})")
-    p.add_argument("--compare-min-points", type=int, default=race.min_points, metavar="N",
-                   help=f"--rule compare: points, anchor included, before a branch is compared (default "
-                        f"{race.min_points})")
-    p.add_argument("--compare-min-fraction", type=float, default=race.min_fraction, metavar="G",
-                   help=f"--rule compare: no stop as dominated before this fraction of a branch's compute "
-                        f"(default {race.min_fraction:g})")
     stop = EarlyStopConfig()
     p.add_argument("--tol", type=float, default=stop.tol, metavar="T",
                    help=f"--early-stop: largest spread of the last K predicted A_post (points, default {stop.tol})")
@@ -173,8 +148,6 @@ def _main_early_stop(args, scene, config: FitConfig) -> int:
                            "do not apply (the full-branch reference uses the default split)")
     stop = EarlyStopConfig(tol=args.tol, patience=args.patience, min_points=args.min_points,
                            min_fraction=args.min_fraction, span=args.span)
-    if args.rule == "compare":
-        return _main_race(args, scene, config, stop)
     results = replay_scene(scene, stop, config)
     title = (f"{scene.name}: early stop (tol {stop.tol:g}, patience {stop.patience}, min points "
              f"{stop.min_points}, min fraction {stop.min_fraction:g}, span {stop.span:g}; "
@@ -191,32 +164,6 @@ def _main_early_stop(args, scene, config: FitConfig) -> int:
         _write_json(args.json, [r.to_dict() for r in results])
     print("wrote " + ", ".join(str(p) for p in [*paths.values(), fig]))
     return 1 if any(r.reference is None for r in results) else 0
-
-
-def _main_race(args, scene, config: FitConfig, stop: EarlyStopConfig) -> int:
-    race = CompareConfig(k=args.k, se_floor=args.se_floor, margin=args.margin, min_points=args.compare_min_points,
-                         min_fraction=args.compare_min_fraction, branch=stop, fit=config)
-    result = replay_race(scene, race)
-    title = (f"{scene.name}: early stop comparing branches (k {race.k:g}, SE floor {race.se_floor:g}, margin "
-             f"{race.margin:g}, compare from {race.min_points} points and {race.min_fraction:g} of the plan; per "
-             f"branch: tol {stop.tol:g}, patience {stop.patience}, min points {stop.min_points}, min fraction "
-             f"{stop.min_fraction:g}, span {stop.span:g}; "
-             f"{'LTS alpha=' + str(config.lts_alpha) if config.lts_alpha else 'plain'} fits)")
-    out = args.out or Path(f"fit-{scene.name}")
-    text = result.markdown(title)
-    paths = {"md": out / "early_stop.md", "json": out / "early_stop.json"}
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        paths["md"].write_text(text)
-        fig = plot_early_stop(result.results, out / "early_stop.png", scene.name)
-    except OSError as e:
-        raise CeilingError(f"{out}: cannot write: {e.strerror or e}") from None
-    _write_json(paths["json"], result.to_dict())
-    print(text, end="")
-    if args.json:
-        _write_json(args.json, result.to_dict())
-    print("wrote " + ", ".join(str(p) for p in [*paths.values(), fig]))
-    return 1 if any(r.reference is None for r in result.results) else 0
 
 
 def _standalone(argv: list[str] | None = None) -> int:

@@ -32,10 +32,8 @@ rule can and cannot reach (benchmarks/RESULTS.md).
     res.points_used, res.saved, res.a_post_stop, res.error
     decide(replay_scene(scene)).ok                     # the same best branch as the full sweep?
 
-CLI: `ceiling fit DATA.json --early-stop --rule branch [--tol T] [--patience K] [--min-points M]
-[--min-fraction F] [--span S] [--out DIR]`. A sweep that runs its branches side by side can also stop the
-clearly losing ones by comparing them: engine/analysis/race.py (`--rule compare`, the CLI's default), which keeps
-this rule as one input. `RefitCache` shares the refits between rules and replays.
+CLI: `ceiling fit DATA.json --early-stop [--tol T] [--patience K] [--min-points M] [--min-fraction F]
+[--span S] [--out DIR]`.
 """
 
 from __future__ import annotations
@@ -45,7 +43,6 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from engine.analysis.findings import a_post_se
 from engine.analysis.fit import FitConfig, FitError, FitResult, fit_branch, fit_points
 from engine.analysis.report import identified
 
@@ -87,64 +84,9 @@ class Refit:
     a_post: float | None
     note: str = ""  # why there is no prediction: too few points, fit failed, ceiling not identified
     progress: float | None = None  # fraction of the planned RL compute spent at this evaluation
-    se: float | None = None  # standard error of a_post from the fit's covariance (findings.a_post_se; inf: not pinned)
-    rise: float | None = None  # share of the fitted gain PL_rl reached at x (0.5 at x = C_mid)
 
     def to_dict(self) -> dict:
-        return {"index": self.index, "x": self.x, "a_post": self.a_post, "note": self.note, "progress": self.progress,
-                "se": _finite(self.se), "rise": _finite(self.rise)}
-
-
-class RefitCache:
-    """Refits keyed by the exact points they fit (and P_sft and the fit options), so that a replay, a
-    benchmark judging many rules, or a live rule called at every decision point never fits the same prefix twice.
-    A key holds every input of the fit, so a cached refit is the refit: no point outside the prefix can reach it."""
-
-    def __init__(self):
-        self._refits: dict[tuple, Refit] = {}
-        self._references: dict[tuple, tuple[FitResult | None, str | None]] = {}
-
-    def __len__(self) -> int:
-        return len(self._refits)
-
-    def refit(self, points: np.ndarray, p_sft: float, fit_config: FitConfig, min_points: int) -> Refit:
-        """The refit on `points` ((x, gain) rows in compute order, anchor included), without its progress."""
-        points = np.ascontiguousarray(points, dtype=float)
-        if len(points) < min_points:  # no fit to remember
-            return refit_points(points, p_sft, fit_config, min_points)
-        key = (points.tobytes(), float(p_sft), fit_config)
-        hit = self._refits.get(key)
-        if hit is None:
-            hit = self._refits[key] = refit_points(points, p_sft, fit_config, min_points)
-        return hit
-
-    def reference(self, branch, fit_config: FitConfig) -> tuple[FitResult | None, str | None]:
-        """The full-branch reference fit (`fit_branch`, default split) and, where it failed, why."""
-        key = (branch.x.tobytes(), branch.y.tobytes(), branch.p_sft, branch.sft_step, fit_config)
-        if key not in self._references:
-            try:
-                self._references[key] = (fit_branch(branch, fit_config), None)
-            except FitError as e:
-                self._references[key] = (None, str(e))
-        return self._references[key]
-
-
-def refit_points(points: np.ndarray, p_sft: float, fit_config: FitConfig, min_points: int,
-                 progress: float | None = None) -> Refit:
-    """The refit the rule makes after an evaluation: every point seen so far is a train point (no held-out); no
-    prediction from fewer than `min_points` points, from a failed fit or from a fit whose ceiling is not identified."""
-    n = len(points)
-    index, x = n - 1, float(points[-1][0])
-    if n < min_points:
-        return Refit(index, x, None, f"too few points ({n} < {min_points})", progress)
-    try:
-        fit = fit_points(points, p_sft, replace(fit_config, train_start=0, train_points=n))
-    except FitError as e:
-        return Refit(index, x, None, f"fit failed: {e}", progress)
-    if not identified(fit):
-        return Refit(index, x, None, f"ceiling not identified (C_mid = {fit.C_mid:.3g})", progress)
-    rise = float((fit.predict(x)[()] - fit.C0) / (fit.A - fit.C0)) if fit.A != fit.C0 else 0.0
-    return Refit(index, x, fit.A_post, "", progress, a_post_se(fit), rise)
+        return {"index": self.index, "x": self.x, "a_post": self.a_post, "note": self.note, "progress": self.progress}
 
 
 def stable_at(refits: list[Refit], i: int, config: EarlyStopConfig) -> bool:
@@ -181,14 +123,13 @@ class OnlineCeilingMonitor:
     """
 
     def __init__(self, p_sft: float = 0.0, config: EarlyStopConfig | None = None,
-                 fit_config: FitConfig | None = None, anchor: bool = True, cache: RefitCache | None = None):
+                 fit_config: FitConfig | None = None, anchor: bool = True):
         self.p_sft = float(p_sft)
         self.config = config or EarlyStopConfig()
         self.fit_config = fit_config or FitConfig()
         self.points: list[tuple[float, float]] = [(0.0, 0.0)] if anchor else []
         self.refits: list[Refit] = []
         self.stop_index: int | None = None
-        self.cache = cache
 
     @property
     def prediction(self) -> float | None:
@@ -212,11 +153,17 @@ class OnlineCeilingMonitor:
         return self.should_stop
 
     def _refit(self, progress: float | None) -> Refit:
-        points = np.array(self.points, dtype=float)
-        if self.cache is None:
-            return refit_points(points, self.p_sft, self.fit_config, self.config.min_points, progress)
-        return replace(self.cache.refit(points, self.p_sft, self.fit_config, self.config.min_points),
-                       progress=progress)
+        n = len(self.points)
+        index, x = n - 1, self.points[-1][0]
+        if n < self.config.min_points:
+            return Refit(index, x, None, f"too few points ({n} < {self.config.min_points})", progress)
+        try:
+            fit = fit_points(self.points, self.p_sft, replace(self.fit_config, train_start=0, train_points=n))
+        except FitError as e:
+            return Refit(index, x, None, f"fit failed: {e}", progress)
+        if not identified(fit):
+            return Refit(index, x, None, f"ceiling not identified (C_mid = {fit.C_mid:.3g})", progress)
+        return Refit(index, x, fit.A_post, "", progress)
 
     def _refit_at(self, index: int) -> Refit:
         return next(r for r in self.refits if r.index == index)
@@ -241,8 +188,6 @@ class EarlyStopResult:
     x: np.ndarray  # the branch's points, anchor included (RL EFLOPs, gain over P_sft)
     y: np.ndarray
     trajectory: list[Refit] = field(default_factory=list)  # one refit per point (replayed to the end or the stop)
-    stop_kind: str | None = None  # the comparing rule (engine/analysis/race.py): "dominated", "settled" or "plan"
-    stop_reason: str | None = None  # ... and why, with the numbers
 
     @property
     def stopped(self) -> bool:
@@ -301,7 +246,7 @@ class EarlyStopResult:
             "A_post_stop": f(self.a_post_stop), "A_post_full": f(self.a_post_full), "error": f(self.error),
             "last_observed": self.last_observed, "reference_error": self.reference_error,
             "reference_warnings": [] if self.reference is None else list(self.reference.warnings),
-            "why_not_stopped": self.why_not_stopped(), "stop_kind": self.stop_kind, "stop_reason": self.stop_reason,
+            "why_not_stopped": self.why_not_stopped(),
             "trajectory": [r.to_dict() | {"a_post": f(r.a_post)} for r in self.trajectory],
         }
 
@@ -311,21 +256,23 @@ def _finite(v: float | None) -> float | None:
 
 
 def replay_branch(branch, config: EarlyStopConfig | None = None, fit_config: FitConfig | None = None,
-                  to_end: bool = True, cache: RefitCache | None = None, **options) -> EarlyStopResult:
+                  to_end: bool = True, **options) -> EarlyStopResult:
     """Replay a finished `data.Branch` through `OnlineCeilingMonitor`, point by point in compute order.
 
     `options` override fields of `config` (tol, patience, min_points). With `to_end` the refits go on past
-    the stop, so the trajectory shows whether the prediction held; the stop itself is unchanged. A shared
-    `cache` lets later replays (other rules, engine/analysis/race.py) reuse the refits.
+    the stop, so the trajectory shows whether the prediction held; the stop itself is unchanged.
     """
     config = replace(config or EarlyStopConfig(), **options)
     fit_config = fit_config or FitConfig()
-    monitor = OnlineCeilingMonitor(branch.p_sft, config, fit_config, anchor=False, cache=cache)  # the branch holds it
+    monitor = OnlineCeilingMonitor(branch.p_sft, config, fit_config, anchor=False)  # the branch holds it
     x_total = float(branch.x[-1])
     for x, gain in zip(branch.x, branch.y):  # the plan is the branch as it was run
         if monitor.update(x, gain, progress=x / x_total if x_total > 0 else 1.0) and not to_end:
             break
-    reference, reference_error = (cache or RefitCache()).reference(branch, fit_config)
+    try:
+        reference, reference_error = fit_branch(branch, fit_config), None
+    except FitError as e:
+        reference, reference_error = None, str(e)
     stop = monitor.stop_index
     return EarlyStopResult(
         sft_step=branch.sft_step, sft_exaflops=branch.sft_exaflops, p_sft=branch.p_sft, config=config,
@@ -337,9 +284,9 @@ def replay_branch(branch, config: EarlyStopConfig | None = None, fit_config: Fit
 
 
 def replay_scene(scene, config: EarlyStopConfig | None = None, fit_config: FitConfig | None = None,
-                 to_end: bool = True, cache: RefitCache | None = None, **options) -> list[EarlyStopResult]:
+                 to_end: bool = True, **options) -> list[EarlyStopResult]:
     """`replay_branch` over every branch of a `data.Scene`, in SFT-step order."""
-    return [replay_branch(scene.branch(step), config, fit_config, to_end, cache, **options) for step in scene.steps]
+    return [replay_branch(scene.branch(step), config, fit_config, to_end, **options) for step in scene.steps]
 
 
 @dataclass(frozen=True)

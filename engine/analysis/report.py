@@ -8,7 +8,8 @@ with the error in the notes.
 Figures (matplotlib, drawn on `Figure` objects with the Agg canvas, so no global backend is touched):
     branches.png  one panel per branch: train points, held-out points, flagged outliers, points trimmed by
                   LTS, unused points (before --train-start), and the fitted curve with its asymptote A
-    a_post.png    A_post stacked as P_sft + PL_rl per SFT checkpoint, in order of SFT compute
+    a_post.png    A_post = P_sft + PL_rl per SFT checkpoint vs SFT compute (`engine.plots.plot_a_post`, shared
+                  with the sweep report)
     early_stop.png  per branch, the A_post predicted after each evaluation, the stop and the full-fit A_post
                   (with early_stop.md/.json from `early_stop.replay_scene`; see `ceiling fit --early-stop`)
 """
@@ -171,42 +172,6 @@ def plot_branches(rows: list[Row], path: Path, scene_name: str) -> Path:
                    fontsize=8)
     fig.suptitle(f"{scene_name}: gain over P_sft (points) vs. RL EFLOPs since the SFT checkpoint"
                  f"   ((!) = see warnings)", fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
-
-
-def plot_a_post(rows: list[Row], path: Path, scene_name: str) -> Path:
-    """A_post = P_sft + PL_rl as stacked bars per SFT checkpoint, in order of SFT compute."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(max(5.0, 0.75 * len(rows) + 2), 4.2), layout="constrained")
-    ax = fig.subplots()
-    pos = np.arange(len(rows))
-    for i, r in enumerate(rows):
-        if r.fit is None:
-            ax.text(i, 1, "fit failed", rotation=90, ha="center", va="bottom", fontsize=7)
-            continue
-        f = r.fit
-        ax.bar(i, f.P_sft, color="tab:blue", width=0.7, label="P_sft" if i == 0 else None)
-        if not identified(f):
-            ax.text(i, f.P_sft + 0.5, "ceiling n/a", rotation=90, ha="center", va="bottom", fontsize=7)
-            continue
-        # PL_rl < 0 (RL loses) draws downward from P_sft, hatched, so the top of the stack is A_post.
-        ax.bar(i, f.PL_rl, bottom=f.P_sft, width=0.7, color="tab:orange" if f.PL_rl >= 0 else "tab:red",
-               hatch=None if f.PL_rl >= 0 else "//", label="PL_rl" if i == 0 else None)
-        ax.text(i, max(f.A_post, f.P_sft) + 0.4, f"{f.A_post:.1f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(pos, [f"{r.sft_step}\n{r.sft_exaflops:.0f}" for r in rows], fontsize=7)
-    ax.set_xlabel("SFT step / SFT EFLOPs", fontsize=8)
-    ax.set_ylabel("performance (%)", fontsize=8)
-    tops = [r.fit.A_post for r in rows if r.fit is not None and identified(r.fit)]
-    bottoms = [r.fit.P_sft for r in rows if r.fit is not None]
-    if bottoms:
-        lo = min(bottoms + tops)
-        ax.set_ylim(max(0.0, lo - 10), max(tops + bottoms) + 4)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_title(f"{scene_name}: ceiling A_post = P_sft + PL_rl", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path

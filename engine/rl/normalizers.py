@@ -110,7 +110,8 @@ def entropy_coef_scale(norms: LossNormalizers) -> float:
 
 def _seq_token_counts(loss_mask_T: torch.Tensor, cu_seqlens_S1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lens_S = (cu_seqlens_S1[1:] - cu_seqlens_S1[:-1]).long().to(loss_mask_T.device)
-    idx_T = torch.repeat_interleave(torch.arange(lens_S.numel(), device=loss_mask_T.device), lens_S)
+    idx_T = torch.repeat_interleave(torch.arange(lens_S.numel(), device=loss_mask_T.device), lens_S,
+                                    output_size=loss_mask_T.numel())  # known: no host sync for the size
     n_S = torch.zeros(lens_S.numel(), device=loss_mask_T.device).index_add(0, idx_T, (loss_mask_T != 0).float())
     return n_S, idx_T
 

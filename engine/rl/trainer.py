@@ -37,7 +37,6 @@ import torch.distributed as dist
 
 from engine import flops as flops_lib
 from engine.checkpoint import (
-    full_hf_state_dict,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
@@ -52,7 +51,6 @@ from engine.data.tokenizer import end_of_turn_id, load_tokenizer
 from engine.distributed import all_reduce_sum, barrier, compute_dtype, init_distributed
 from engine.errors import CeilingError
 from engine.losses import linear_policy_loss
-from engine.metrics import MetricsLogger, make_run_dir, progress
 from engine.models import PackedCausalLM, build_model
 from engine.reward import score_responses
 from engine.rl.algorithms import ALGORITHMS, RLBatch, SeqWeights, WeightParams, sequence_weights
@@ -60,6 +58,7 @@ from engine.rl.normalizers import loss_normalizers
 from engine.rl.sampling import Group, dynamic_sampling
 from engine.rl.update import LossSettings, MicroBatchLoss
 from engine.rollout import SamplingParams, build_rollout, check_weight_version
+from engine.rundir.metrics import MetricsLogger, make_run_dir, progress
 from engine.training import DataOrder, build_optimizer, build_policy, guarded_step
 
 log = logging.getLogger("ceiling")
@@ -430,12 +429,14 @@ class RLTrainer:
         return sum(flat) / max(len(flat), 1)
 
     def _record_eval(self) -> dict[str, object]:
+        t0 = time.perf_counter()
         pass1 = self.evaluate()
+        seconds = time.perf_counter() - t0
         self.state["eval_history"].append({"step": self.step, "rl_exaflops": self.state["exaflops"], "pass@1": pass1,
-                                           "backend": self.rollout.backend})
+                                           "backend": self.rollout.backend, "seconds": round(seconds, 3)})
         if self.info.is_main:
             (self.run_dir / "eval_curve.json").write_text(json.dumps(self.state["eval_history"], indent=1))
-        return {"eval/pass@1": pass1, "compute/exaflops": self.state["exaflops"]}
+        return {"eval/pass@1": pass1, "compute/exaflops": self.state["exaflops"], "time/eval_s": seconds}
 
     # ------------------------------------------------------------ the loop
     def save(self) -> Path:

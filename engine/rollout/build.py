@@ -10,6 +10,7 @@ and receive the policy's weights through `Rollout.sync_weights` before the first
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,8 +23,18 @@ from engine.rollout.base import Rollout
 __all__ = ["build_rollout"]
 
 
+def resolve_backend(cfg: RolloutConfig) -> RolloutConfig:
+    """`backend: auto` made concrete: vllm where it imports, else hf."""
+    if cfg.backend != "auto":
+        return cfg
+    from engine.rollout.vllm import vllm_available
+
+    return replace(cfg, backend="vllm" if vllm_available() else "hf")
+
+
 def build_rollout(cfg: RolloutConfig, model_cfg: ModelConfig, tokenizer, info: DistInfo, *, workdir: str | Path,
                   seed: int, max_model_len: int, hf_batch_size: int) -> Rollout:
+    cfg = resolve_backend(cfg)
     dtype = compute_dtype(info.device, model_cfg.dtype)
     if cfg.backend == "hf":
         from engine.rollout.hf import HFRollout

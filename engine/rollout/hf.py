@@ -88,7 +88,8 @@ def _response_logp(h_TH, w_VH, *, pos_N, targets_N, temperature, chunk_size) -> 
 
 
 class HFRollout(Rollout):
-    """`Rollout` over an in-memory transformers model (it shares the trainer's weights: nothing to sync)."""
+    """`Rollout` over an in-memory transformers model: a copy of the policy (weights arrive by `sync_weights`),
+    or the policy itself (then a sync only stamps the version)."""
 
     backend = "hf"
 

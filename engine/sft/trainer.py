@@ -45,8 +45,8 @@ from engine.data.tokenizer import load_tokenizer
 from engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from engine.errors import CeilingError
 from engine.losses import linear_cross_entropy
-from engine.metrics import MetricsLogger, make_run_dir, progress
 from engine.models.hf_checkpoint import save_hf_sharded
+from engine.rundir.metrics import MetricsLogger, make_run_dir, progress
 from engine.training import DataOrder, build_optimizer, build_policy, guarded_step
 
 log = logging.getLogger("ceiling")

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from engine.config import SweepJobConfig, add_config_arguments
 from engine.errors import ConfigError
+from engine.rundir.files import write_json_atomic
 from engine.sweep import items as sweep_lib
 from engine.sweep.items import Sweep
-from engine.sweep.worker import Item, LaunchedItem, start_lock_watchdog, write_json_atomic
+from engine.sweep.worker import Item, LaunchedItem, start_lock_watchdog
 
 
 def _is_main_rank() -> bool:

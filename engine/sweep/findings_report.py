@@ -2,6 +2,7 @@
 the numbers behind it with their standard errors, and the paper's figure for each redrawn from the sweep:
 
     <run>/finding1_paradigms.png   pass@1 against total compute: SFT-then-RL, pure RL, LUFFY/SRFT/UPT
+                                   (engine/plots.py, as the sweep report's paradigms.png)
     <run>/finding2_switch.png      pass@1 after RL by the SFT sub-phase of the switch point, per scene
     <run>/finding3_scenes.png      best pass@1 after RL against the minimum SFT validation loss, per scene
     <run>/findings.json            the verdicts and their numbers
@@ -9,7 +10,6 @@ the numbers behind it with their standard errors, and the paper's figure for eac
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -26,11 +26,10 @@ from engine.analysis.findings import (
     judge_paradigms,
     judge_scenes,
     judge_switch_points,
-    pass1_se,
 )
-from engine.report import GFLOPS_PER_EFLOPS, PHASE_COLORS
+from engine.plots import A_POST_COLOR, PHASE_COLORS, SFT_COLOR, plot_paradigms
+from engine.rundir.files import write_json_atomic
 
-COLORS = {"SFT-then-RL": "#c55a11", "pure RL": "#1f4e79", "LUFFY": "#7030a0", "SRFT": "#00b050", "UPT": "#ff0000"}
 MARKERS = {"uniform": "o", "easy": "^", "hard": "s"}
 
 
@@ -109,43 +108,6 @@ def judge_study(job, state: dict, a_posts: dict[str, dict[int, tuple[float, floa
 # ---------------------------------------------------------------- figures
 
 
-def _band(ax, xs, ys, se, color, label, **kw):
-    ax.plot(xs, ys, marker=".", color=color, label=label, **kw)
-    ax.fill_between(xs, [y - s for y, s in zip(ys, se)], [y + s for y, s in zip(ys, se)], color=color, alpha=0.12,
-                    lw=0)
-
-
-def plot_paradigms(job, state: dict, scene: str, path: Path) -> None:
-    st = state["scenes"][scene]
-    n, best = st.get("n_eval") or 1, st["sft"]["best"]["step"]
-    gf = GFLOPS_PER_EFLOPS
-    fig = Figure(figsize=(7.5, 4.3), layout="constrained")
-    ax = fig.subplots()
-    hist = [h for h in st["sft"]["val_history"] if h["step"] <= best]
-    xs = [0.0] + [gf * h["exaflops"] for h in hist]
-    ys = [st["sft_pass1"]["0"]] + [st["sft_pass1"][str(h["step"])] for h in hist]
-    _band(ax, xs, ys, [pass1_se(y, n) for y in ys], "#7f7f7f", "SFT (to the min-val-loss step)", ms=3)
-    for key, run in st["rl"].items():
-        if key == f"rl/{best}":
-            label, off, color = f"SFT({best})-then-RL", gf * _sft_exaflops(st, best), COLORS["SFT-then-RL"]
-        elif key == "rl/0" or key.startswith("baseline/"):
-            label, off, color = _label(key, run), 0.0, COLORS.get(_label(key, run), "k")
-        else:
-            continue
-        ev = run["eval_history"]
-        ys = [100 * e["pass@1"] for e in ev]
-        _band(ax, [off + gf * e["rl_exaflops"] for e in ev], ys, [pass1_se(y, n) for y in ys], color, label,
-              lw=2 if key == f"rl/{best}" else 1.2, ls="-" if key.startswith("rl/") else "--")
-        budget = run.get("budget")
-        if budget:
-            ax.axvline(gf * budget["exaflops"], color="#999999", lw=0.8, ls=":")
-    ax.set_xlabel("total compute (GFLOPs: SFT + RL, Appendix C)")
-    ax.set_ylabel("pass@1 (%), band: ±1 SE")
-    ax.set_title(f"Finding 1 ({scene}): paradigms at matched compute (dotted: the budget)", fontsize=10)
-    ax.legend(fontsize=7, loc="best")
-    fig.savefig(path, dpi=110)
-
-
 def plot_switch(job, state: dict, scenes: list[str], a_posts: dict, path: Path) -> None:
     fig = Figure(figsize=(max(4.0, 3.6 * len(scenes)), 3.8), layout="constrained")
     axes = fig.subplots(1, len(scenes), squeeze=False)[0]
@@ -157,18 +119,18 @@ def plot_switch(job, state: dict, scenes: list[str], a_posts: dict, path: Path) 
         for i, r in enumerate(runs):
             step, sc = r["init_step"], final_score(r["eval_history"], n)
             ax.bar(i, sc.value, yerr=sc.se, color=PHASE_COLORS[labels[step]], edgecolor="#555555", capsize=3)
-            ax.plot(i, st["sft_pass1"][str(step)], "_", color="#1f4e79", ms=14, mew=2)
+            ax.plot(i, st["sft_pass1"][str(step)], "_", color=SFT_COLOR, ms=14, mew=2)
             a = a_posts.get(scene, {}).get(step)
             if a and math.isfinite(a[0]):
-                ax.plot(i, min(a[0], 100.0), "D", color="#c55a11", ms=4)
+                ax.plot(i, min(a[0], 100.0), "D", color=A_POST_COLOR, ms=4)
         ax.set_xticks(range(len(runs)), [f"{r['init_step']}\n{labels[r['init_step']][:5]}" for r in runs],
                       fontsize=7)
         ax.set_title(scene, fontsize=9)
         ax.set_ylim(0, 100)
     axes[0].set_ylabel("pass@1 after RL (%) ±1 SE")
     handles = [Patch(facecolor=color, edgecolor="#555555", label=label) for label, color in PHASE_COLORS.items()]
-    handles += [Line2D([], [], ls="", marker="_", color="#1f4e79", ms=10, mew=2, label="before RL (P_sft)"),
-                Line2D([], [], ls="", marker="D", color="#c55a11", ms=4, label="fitted A_post")]
+    handles += [Line2D([], [], ls="", marker="_", color=SFT_COLOR, ms=10, mew=2, label="before RL (P_sft)"),
+                Line2D([], [], ls="", marker="D", color=A_POST_COLOR, ms=4, label="fitted A_post")]
     axes[0].legend(handles=handles, fontsize=6, loc="upper left")
     fig.suptitle("Finding 2: switch point (SFT step, sub-phase) vs pass@1 after the same RL", fontsize=10)
     fig.savefig(path, dpi=110)
@@ -179,11 +141,11 @@ def plot_scenes(verdict: Verdict, path: Path) -> None:
     ax = fig.subplots()
     for row in verdict.rows:
         sc: Score = row["score"]
-        ax.errorbar(row["min_val_loss"], sc.value, yerr=sc.se, fmt=MARKERS.get(row["mix"], "o"), color="#c55a11",
+        ax.errorbar(row["min_val_loss"], sc.value, yerr=sc.se, fmt=MARKERS.get(row["mix"], "o"), color=A_POST_COLOR,
                     capsize=3)
         ax.annotate(row["scene"], (row["min_val_loss"], sc.value), fontsize=7, xytext=(4, 3), textcoords="offset points")
     for mix, m in MARKERS.items():
-        ax.plot([], [], m, color="#c55a11", label=f"{mix} mix")
+        ax.plot([], [], m, color=A_POST_COLOR, label=f"{mix} mix")
     ax.set_xlabel("minimum SFT validation loss")
     ax.set_ylabel("best pass@1 after RL (%) ±1 SE")
     ax.set_title("Finding 3: the minimum validation loss vs the ceiling, per scene", fontsize=10)
@@ -219,17 +181,18 @@ def findings_markdown(job, root: Path, state: dict, a_posts: dict) -> str:
     paradigm = next((s.name for s in job.sweep.scenes if any(k == "rl/0" or k.startswith("baseline/")
                                                              for k in state["scenes"][s.name].get("rl", {}))), None)
     if paradigm:
-        plot_paradigms(job, state, paradigm, root / "finding1_paradigms.png")
+        plot_paradigms(state["scenes"][paradigm], root / "finding1_paradigms.png",
+                       f"Finding 1 ({paradigm}): paradigms at matched compute (dotted: the budget)", best_only=True)
         figs.append("![finding 1](finding1_paradigms.png)")
     switch_scenes = sorted({r["scene"] for r in v2.rows})
     if switch_scenes:
         plot_switch(job, state, switch_scenes, a_posts, root / "finding2_switch.png")
     if v3.rows:
         plot_scenes(v3, root / "finding3_scenes.png")
-    (root / "findings.json").write_text(json.dumps(
-        [{"finding": v.finding, "verdict": v.verdict, "reason": v.reason,
-          "rows": [{k: ({"value": x.value, "se": x.se, "compute_eflops": x.compute} if isinstance(x, Score) else x)
-                        for k, x in r.items()} for r in v.rows]} for v in verdicts], indent=1))
+    write_json_atomic(root / "findings.json", [
+        {"finding": v.finding, "verdict": v.verdict, "reason": v.reason,
+         "rows": [{k: ({"value": x.value, "se": x.se, "compute_eflops": x.compute} if isinstance(x, Score) else x)
+                   for k, x in r.items()} for r in v.rows]} for v in verdicts])
     claims = {"1": "Sequential SFT-then-RL reaches a higher ceiling than pure RL and the synchronized methods at "
                    "matched compute.",
               "2": "Switching to RL at the SFT Stable or Mild sub-phase gives the highest ceiling; Adaptive (too "

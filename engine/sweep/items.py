@@ -54,14 +54,9 @@ from engine.config import (
 from engine.distributed import destroy_distributed
 from engine.errors import CeilingError, ConfigError
 from engine.rl.trainer import RLTrainer
+from engine.rundir.files import read_json, write_json_atomic
 from engine.sft.trainer import SFTTrainer
-from engine.sweep.worker import (
-    Item,
-    RunDir,
-    Worker,
-    read_json,
-    write_json_atomic,
-)
+from engine.sweep.worker import Item, RunDir, Worker
 
 log = logging.getLogger("ceiling")
 

@@ -8,17 +8,14 @@
     <run>/table.md, <run>/sweep_report.md   all scenes, the early-stop replay and the branch it would pick, the
                                   compute spent per item against a full sweep (and where and how long each ran),
                                   and the min-val-loss / A_post correlation (>= 3 scenes)
-A branch whose fit fails (too few points, all at x = 0) shows "n/a" and the reason; nothing crashes.
+A branch whose fit fails (too few points, all at x = 0) shows "n/a" and the reason; nothing crashes. The
+two figures are engine/plots.py's, shared with the findings and `ceiling fit`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-
-from matplotlib import colormaps
-from matplotlib.figure import Figure
 
 from engine.analysis import (
     FitResult,
@@ -30,11 +27,9 @@ from engine.analysis import (
 )
 from engine.analysis.early_stop import decide
 from engine.analysis.findings import a_post_se, pass1_se
-from engine.analysis.report import early_stop_markdown
-from engine.report import GFLOPS_PER_EFLOPS, PHASE_COLORS
-
-plt_cmap = colormaps["Oranges"]
-PALETTE = {"luffy": "#7030a0", "srft": "#00b050", "upt": "#ff0000"}
+from engine.analysis.report import early_stop_markdown, rows_from
+from engine.plots import GFLOPS_PER_EFLOPS, plot_a_post, plot_paradigms
+from engine.rundir.files import write_json_atomic
 
 
 def _gf(exaflops: float, digits: int = 2) -> float:
@@ -108,61 +103,6 @@ def scene_table(st: dict, results: dict, subphase: dict[int, str]) -> tuple[str,
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n", rows
 
 
-def plot_a_post(st: dict, rows: list[dict], labels: list[str], path: Path, title: str) -> None:
-    history = st["sft"]["val_history"]
-    xs = [_gf(h["exaflops"]) for h in history]
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    ax = fig.subplots()
-    for i, label in enumerate(labels):  # each validation interval shaded by its sub-phase
-        ax.axvspan(xs[i - 1] if i else 0.0, xs[i], color=PHASE_COLORS[label], lw=0)
-    for label, color in PHASE_COLORS.items():
-        ax.fill_between([], [], color=color, label=label)
-    ax.plot([0.0] + xs, [st["sft_pass1"]["0"]] + [st["sft_pass1"][str(h["step"])] for h in history], "o-",
-            color="#1f4e79", ms=3, label="P_sft (pure SFT pass@1)")
-    for r in rows:
-        if r["A_post"] is None:
-            ax.plot(r["sft_gflops"], r["P_sft"], "x", color="#7f7f7f")
-            ax.annotate("fit n/a", (r["sft_gflops"], r["P_sft"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-            continue
-        ax.vlines(r["sft_gflops"], r["P_sft"], r["A_post"], color="#c55a11", lw=2)
-        ax.plot(r["sft_gflops"], r["A_post"], "D", color="#c55a11", ms=5)
-    ax.plot([], [], "D-", color="#c55a11", label="A_post = P_sft + PL_rl")
-    ax.set_xlabel("SFT compute (GFLOPs)")
-    ax.set_ylabel("pass@1 (%)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="best")
-    fig.savefig(path, dpi=110)
-
-
-def plot_paradigms(st: dict, path: Path, title: str) -> None:
-    history = st["sft"]["val_history"]
-    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
-    ax = fig.subplots()
-    ax.plot([0.0] + [_gf(h["exaflops"]) for h in history],
-            [st["sft_pass1"]["0"]] + [st["sft_pass1"][str(h["step"])] for h in history], "o-", color="#1f4e79",
-            ms=3, label="pure SFT")
-    offsets = {0: 0.0} | {h["step"]: _gf(h["exaflops"]) for h in history}
-    for key, run in sorted(st.get("rl", {}).items(), key=lambda kv: (kv[0][0], kv[1]["init_step"])):
-        ev = run["eval_history"]
-        if key.startswith("rl/"):
-            step = run["init_step"]
-            shade = 0.35 + 0.6 * step / max(offsets)  # later SFT checkpoints: darker
-            style = dict(color="#c55a11", lw=2, label="pure RL") if step == 0 else \
-                dict(color=plt_cmap(shade), lw=1, label=f"SFT({step})-then-RL")
-            c = offsets[step]
-            ys = [st["sft_pass1"][str(step)]] + [100 * e["pass@1"] for e in ev[1:]]
-        else:
-            style = dict(color=PALETTE.get(run["algorithm"], "k"), lw=1, ls="--", label=run["algorithm"].upper())
-            c, ys = 0.0, [100 * e["pass@1"] for e in ev]
-        xs = [c + _gf(e["rl_exaflops"], 4) for e in ev]
-        ax.plot(xs, ys, marker=".", **style)
-    ax.set_xlabel("total compute (GFLOPs: SFT + RL)")
-    ax.set_ylabel("pass@1 (%)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="best")
-    fig.savefig(path, dpi=110)
-
-
 def write_sweep_report(job, root: Path, state: dict) -> Path:
     from engine.sweep.findings_report import findings_markdown
 
@@ -175,7 +115,7 @@ def write_sweep_report(job, root: Path, state: dict) -> Path:
         labels = classify_subphases(losses, cfg.subphase_d1, cfg.subphase_d2)
         subphase = {h["step"]: lab for h, lab in zip(history, labels)}
         raw = scene_json(spec.name, st)
-        (out / "scene.json").write_text(json.dumps(raw, indent=1))
+        write_json_atomic(out / "scene.json", raw)
         scene = load_scene(out / "scene.json") if raw["rl"] else None
         results = fit_scene(scene) if scene is not None else {}
         if scene is None:
@@ -188,8 +128,11 @@ def write_sweep_report(job, root: Path, state: dict) -> Path:
         a_posts[spec.name] = {r["sft_step"]: (r["A_post"], r["A_post_se"]) for r in rows
                               if r["A_post"] is not None and r["sft_step"] > 0}
         (out / "table.md").write_text(f"### scene `{spec.name}`\n\n{table}")
-        (out / "table.json").write_text(json.dumps(rows, indent=1))
-        plot_a_post(st, rows, labels, out / "a_post.png", f"{spec.name}: A_post = P_sft + PL_rl vs SFT compute")
+        write_json_atomic(out / "table.json", rows)
+        xs = [_gf(h["exaflops"]) for h in history]
+        sft_curve = [(0.0, st["sft_pass1"]["0"])] + [(x, st["sft_pass1"][str(h["step"])]) for x, h in zip(xs, history)]
+        plot_a_post(rows_from(results, scene) if scene is not None else [], out / "a_post.png", spec.name,
+                    unit="GFLOPs", sft_curve=sft_curve, subphases=list(zip(xs, labels)))
         plot_paradigms(st, out / "paradigms.png", f"{spec.name}: performance vs total compute")
         tables.append(f"### scene `{spec.name}`\n\n{table}")
         fitted = [r["A_post"] for r in rows if r["A_post"] is not None and math.isfinite(r["A_post"])]

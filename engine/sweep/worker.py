@@ -7,7 +7,8 @@ shells, several GPU groups of one node) share `<run>/` on a shared filesystem an
     <run>/items/<item>.failed.json   the last failure of the item (error, host, pid); blocks it and what depends
                                      on it until a worker runs with `retry_failed`
     <run>/locks/<item>.lock          the holder: {"host", "pid", "start", "token", "since"}, created with
-                                     O_CREAT | O_EXCL; its mtime is the heartbeat, refreshed every `heartbeat` s
+                                     O_CREAT | O_EXCL (engine/rundir/lock.py, as the run lock is); its mtime is
+                                     the heartbeat, refreshed every `heartbeat` s
 
 Protocol of one worker (`Worker.run`), repeated until nothing is left:
   1. plan: the items and their dependencies (re-read every round: finished items may add items, e.g. the
@@ -36,7 +37,6 @@ Tests inject their own `run_item` (the documented hook of `Worker`) or child com
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -44,16 +44,15 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import CeilingError
-from engine.run_lock import pid_alive, pid_start
+from engine.rundir.files import read_json, write_json_atomic, write_json_once
+from engine.rundir.lock import WRITE_GRACE_S, Lock, acquire, pid_alive, pid_start, read_holder
 
 log = logging.getLogger("ceiling")
-_GUARD_STALE_S = 30.0  # age after which a takeover guard is a crashed taker's leftover
 
 
 class LockLost(CeilingError):
@@ -67,38 +66,6 @@ class Item:
     name: str
     deps: tuple[str, ...] = ()
     note: str = ""  # what the item does, for --plan
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {}  # torn: its writer is between create and write, or died there
-
-
-@dataclass
-class Lock:
-    """A held item lock: the path, our token and the inode we created (to notice a takeover)."""
-
-    path: Path
-    token: str
-    inode: int
-    holder: dict
-
-    def still_ours(self) -> bool:
-        try:
-            return os.stat(self.path).st_ino == self.inode and (read_json(self.path) or {}).get("token") == self.token
-        except FileNotFoundError:
-            return False
 
 
 class RunDir:
@@ -133,15 +100,10 @@ class RunDir:
     def publish_done(self, name: str, record: dict) -> None:
         """Write the record once: the link fails if another worker already published this item."""
         path = self.done_path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(json.dumps(record, indent=1))
         try:
-            os.link(tmp, path)
+            write_json_once(path, record)
         except FileExistsError:
             raise CeilingError(f"{path}: item {name} was already published by another worker") from None
-        finally:
-            tmp.unlink(missing_ok=True)
         self.failed_path(name).unlink(missing_ok=True)
 
     def publish_failed(self, name: str, error: str) -> None:
@@ -160,7 +122,7 @@ class RunDir:
                 status = f"FAILED ({f.get('error', '?')[:80]})"
             elif (h := self.holder(item.name)) is not None:
                 why = self.stale_reason(h)
-                status = (f"running on {h.get('host')} pid {h.get('pid')} (heartbeat {h['heartbeat_age']:.0f} s ago)"
+                status = (f"running on {h.get('host')} pid {h.get('pid')} (heartbeat {h['age']:.0f} s ago)"
                           + (f", stale: {why}" if why else ""))
             else:
                 status = "ready" if all(self.is_done(d) for d in item.deps) else "waiting"
@@ -168,105 +130,35 @@ class RunDir:
             lines.append(f"{item.name:28s} {status:12s} {item.note}{after}")
         return lines
 
-    # ------------------------------------------------------------ locks
+    # ------------------------------------------------------------ locks (engine/rundir/lock.py)
     def holder(self, name: str) -> dict | None:
-        """The lock's content plus its heartbeat age in seconds, or None when the item is not locked."""
-        path = self.lock_path(name)
-        holder = read_json(path)
-        if holder is None:
-            return None
-        try:
-            holder["heartbeat_age"] = time.time() - path.stat().st_mtime
-        except FileNotFoundError:
-            return None
-        return holder
+        """The lock's content plus its heartbeat `age` in seconds, or None when the item is not locked."""
+        return read_holder(self.lock_path(name))
 
     def stale_reason(self, holder: dict) -> str | None:
         """Why a lock no longer protects a running item, or None while its holder looks alive."""
-        age = holder.get("heartbeat_age", 0.0)
+        age = holder.get("age", 0.0)
         if age > self.stale_after:
             return f"no heartbeat for {age:.0f} s (stale after {self.stale_after:g} s)"
-        if not holder.get("token"):
-            return "unreadable lock file" if age > 5 else None  # its writer may be between create and write
-        if holder.get("host") == self.host and not pid_alive(int(holder.get("pid", -1)), holder.get("start")):
+        if "pid" not in holder:
+            return "an unreadable lock file" if age > WRITE_GRACE_S else None  # its writer may be writing it
+        if holder.get("host") == self.host and not pid_alive(int(holder["pid"]), holder.get("start")):
             return f"pid {holder.get('pid')} on this host ({self.host}) is gone"
         return None
 
     def try_claim(self, name: str, on_takeover: Callable[[str, dict], None] | None = None) -> Lock | None:
         """Take the lock of `name`, taking over a stale one; None if a live holder has it."""
-        path = self.lock_path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": self.host, "pid": os.getpid(), "start": pid_start(os.getpid()), "token": uuid.uuid4().hex,
-              "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(5):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                pass
-            else:
-                with os.fdopen(fd, "w") as f:
-                    f.write(json.dumps(me))
-                    f.flush()
-                    inode = os.fstat(f.fileno()).st_ino
-                return Lock(path, me["token"], inode, me)
-            holder = self.holder(name)
-            if holder is None:
-                continue  # released between our create and our read
-            reason = self.stale_reason(holder)
-            if reason is None:
-                return None
-            if not self._take_over(path, holder, me["token"]):
-                continue  # another taker holds the takeover guard, or the lock changed: look again
+        def took_over(holder: dict, reason: str) -> None:
             log.warning("sweep: taking over %s from pid %s on %s: %s", name, holder.get("pid"), holder.get("host"),
                         reason)
             if on_takeover is not None:
                 on_takeover(name, holder)
-        return None
 
-    def _take_over(self, path: Path, holder: dict, token: str) -> bool:
-        """Remove the stale lock `holder` (read from `path`), serialised by a guard file so that no two takers
-        ever move locks at once: without it, a late taker could move away the fresh lock of the first one and
-        a third claimer could slip into the gap. True when the stale lock is gone and we may create ours."""
-        guard = path.with_name(path.name + ".takeover")
-        try:
-            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:  # a guard is held for milliseconds; one left by a crashed taker is removed after a while
-                if time.time() - guard.stat().st_mtime > _GUARD_STALE_S:
-                    guard.unlink(missing_ok=True)
-            except FileNotFoundError:
-                pass
-            time.sleep(0.01)
-            return False
-        os.close(fd)
-        try:
-            current = read_json(path)
-            if current is None or current.get("token") != holder.get("token"):
-                return False  # released or taken meanwhile: the caller looks again
-            moved = path.with_name(f"{path.name}.stale.{token}")
-            try:
-                os.rename(path, moved)
-            except FileNotFoundError:
-                return False
-            took = read_json(moved) or {}
-            if took.get("token") != holder.get("token"):
-                # its owner released it and a fresh claimer created a new lock between our read and the
-                # rename: put that lock back (if a third claimer got in first, the fresh one's heartbeat
-                # sees the loss and stops its item)
-                try:
-                    os.link(moved, path)
-                except FileExistsError:
-                    pass
-                moved.unlink(missing_ok=True)
-                return False
-            moved.unlink(missing_ok=True)
-            return True
-        finally:
-            guard.unlink(missing_ok=True)
+        got = acquire(self.lock_path(name), self.stale_reason, attempts=5, on_takeover=took_over)
+        return got if isinstance(got, Lock) else None
 
     def release(self, lock: Lock) -> None:
-        if lock.still_ours():
-            lock.path.unlink(missing_ok=True)
+        lock.release()
 
 
 class Heartbeat:

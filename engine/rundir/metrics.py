@@ -1,7 +1,7 @@
 """Run directory and metrics: `runs/<name>/` with the resolved config, `metrics.jsonl`, TensorBoard.
 
     runs/<name>/config.yaml     the resolved config, exactly what ran (written at start)
-    runs/<name>/run.lock        host and pid of the process using the run (engine/run_lock.py)
+    runs/<name>/run.lock        host and pid of the process using the run (engine/rundir/run_lock.py)
     runs/<name>/metrics.jsonl   one JSON object per logged step: {"step": 12, "time": ..., "train/loss": ...}
     runs/<name>/tb/             TensorBoard events (when enabled and tensorboard is installed)
 
@@ -24,20 +24,15 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from engine.config import dump_config
+from engine.rundir.run_lock import acquire_run_lock
 
 log = logging.getLogger("ceiling")
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-
-
 def make_run_dir(output_dir: str | Path, name: str, cfg: Any | None = None) -> Path:
-    """Create `output_dir/name` (kept if it exists: resume), lock it for this run (rank 0; engine/run_lock.py)
-    and snapshot the resolved config."""
+    """Create `output_dir/name` (kept if it exists: resume), lock it for this run (rank 0) and snapshot the
+    resolved config."""
     import torch.distributed as dist
-
-    from engine.run_lock import acquire_run_lock
 
     run_dir = Path(output_dir) / name
     run_dir.mkdir(parents=True, exist_ok=True)
