@@ -64,7 +64,7 @@ Host syncs. `compact=` chooses how the trained tokens are found:
   "auto" (default): "nonzero" on CUDA and CPU, "mask" on other accelerators (Ascend NPU).
 On a device where bf16 operands cannot produce fp32 logits directly (no `torch.mm(..., out_dtype=float32)`),
 bf16 inputs on NPU use a bf16 GEMM (fp32 accumulation, logits rounded to bf16 once, as eager does) and on CPU
-fp32 operands; see `gemm_plan` in the kernel file.
+fp32 operands; see `gemm_plan` in triton_kernels/gemm.py.
 
 Tests: TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/test_linear_loss.py -q
 """

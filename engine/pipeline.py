@@ -21,14 +21,12 @@ Layout: runs/<name>/{sft,rl}/ are ordinary SFT and RL run directories.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from engine.analysis.phases import stable_confirmed
-from engine.checkpoint import checkpoint_name
 from engine.config import (
     RLJobConfig,
     RunJobConfig,
@@ -39,7 +37,8 @@ from engine.config import (
 )
 from engine.distributed import destroy_distributed
 from engine.rl.trainer import RLTrainer
-from engine.rundir.files import write_json_atomic
+from engine.rundir.checkpoint import checkpoint_name
+from engine.rundir.files import read_json, write_json_atomic
 from engine.sft.trainer import SFTTrainer
 
 log = logging.getLogger("ceiling")
@@ -51,7 +50,7 @@ class Pipeline:
         self.root = Path(job.run.output_dir) / job.run.name
         self.root.mkdir(parents=True, exist_ok=True)
         self.state_path = self.root / "pipeline.json"
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"done": []}
+        self.state = read_json(self.state_path) or {"done": []}
 
     def _save_state(self) -> None:
         write_json_atomic(self.state_path, self.state)

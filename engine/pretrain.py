@@ -45,6 +45,7 @@ from engine.data.synthetic import (
     task_problems,
     write_jsonl,
 )
+from engine.rundir.files import read_json, write_json_atomic
 from engine.sft.trainer import SFTTrainer
 
 log = logging.getLogger("ceiling")
@@ -99,9 +100,9 @@ def run_pretrain(job: PretrainJobConfig) -> dict:
         corpus = build_corpus(job.corpus)
         for split, rows in corpus.items():
             write_jsonl(rows, data_dir / f"{split}.jsonl")
-        (data_dir / "corpus_config.json").write_text(json.dumps(asdict(job.corpus), indent=2) + "\n")
+        write_json_atomic(data_dir / "corpus_config.json", asdict(job.corpus))  # last: it marks the corpus whole
         log.info("pretrain: corpus of %d rows (%d held out) in %s", len(corpus["train"]), len(corpus["val"]), data_dir)
-    elif json.loads((data_dir / "corpus_config.json").read_text()) != json.loads(json.dumps(asdict(job.corpus))):
+    elif read_json(data_dir / "corpus_config.json") != json.loads(json.dumps(asdict(job.corpus))):
         raise ValueError(f"{data_dir / 'corpus_config.json'}: this run was started with another corpus; "
                          f"choose another run.name or remove {run_dir}")
     sft_job = SFTJobConfig(run=job.run, model=job.model,

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import checkpoint as ckpt
-from engine.checkpoint import latest_checkpoint, resume_latest, save_checkpoint, verify_checkpoint
 from engine.errors import CheckpointError
+from engine.rundir import checkpoint as ckpt
+from engine.rundir.checkpoint import latest_checkpoint, resume_latest, save_checkpoint, verify_checkpoint
 from engine.rundir.run_lock import RunLockError, acquire_run_lock, release_run_lock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,7 +256,7 @@ class _BudgetFile:
 
 
 class _FullDisk:
-    """Below the checkpoint's real write paths (DCP's shard streams and engine.checkpoint's own `open`), writes
+    """Below the checkpoint's real write paths (DCP's shard streams and engine.rundir.checkpoint's own `open`), writes
     fail with ENOSPC once `budget` bytes are used."""
 
     def __init__(self, monkeypatch, budget: int):

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.checkpoint import verify_checkpoint
 from engine.data.tokenizer import build_char_tokenizer
+from engine.rundir.checkpoint import verify_checkpoint
 
 pytestmark = pytest.mark.slow
 

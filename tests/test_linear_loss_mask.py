@@ -18,12 +18,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ceiling_kernels.linear_loss import (
-    LinearLossFunction,
-    choose_gemm,
-    gemm_plan,
-    resolve_compact,
-)
+from ceiling_kernels.gemm import choose_gemm, gemm_plan
+from ceiling_kernels.linear_loss import LinearLossFunction, resolve_compact
 from ceiling_kernels.reference import linear_cross_entropy_reference, linear_policy_loss_reference
 from engine.losses import _PolicyTerms, linear_cross_entropy, linear_policy_loss
 

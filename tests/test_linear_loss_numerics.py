@@ -3,7 +3,7 @@
 On CUDA with bf16 inputs the driver runs its "fp32_out" GEMMs: bf16 operands, fp32-accumulated fp32 logits
 (never rounded to bf16), G rounded to bf16 once (written over the logits), grad_h and grad_W accumulated in
 fp32 and rounded to bf16 once in backward. The CPU has no bf16 -> fp32 GEMM kernel, so the probe finds none
-there; with its result set, the same driver runs those GEMMs emulated (`_mm_fp32_out`: operands widened,
+there; with its result set, the same driver runs those GEMMs emulated (`gemm._mm_fp32_out`: operands widened,
 products exact, fp32 sums), i.e. the CUDA path up to summation order. The elementwise work runs in the
 plain-torch twins: the Triton interpreter rounds fp32 -> bf16 by truncation (1 + 2^-8 + 2^-12 -> 1.0), which
 the GPU does not.
@@ -20,6 +20,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (see
 
 import torch  # noqa: E402
 
+from ceiling_kernels import gemm  # noqa: E402
 from ceiling_kernels import linear_loss as ll  # noqa: E402
 from ceiling_kernels.reference import linear_policy_loss_reference  # noqa: E402
 from engine.losses import _PolicyTerms, linear_policy_loss  # noqa: E402
@@ -73,8 +74,8 @@ def test_grpo_gradients_on_the_cuda_path_stay_within_1e_2_where_bf16_logits_do_n
     assert _rel(gh, h64.grad) > 5e-2 and _rel(gw, w64.grad) > 5e-2
 
     # The CUDA path: fp32 logits, G rounded to bf16 once, fp32 accumulation, gradients rounded to bf16 once.
-    monkeypatch.setitem(ll._FP32_OUT_OK, "cpu", (True, True))
-    assert ll.gemm_plan(torch.bfloat16, CPU) == (torch.bfloat16, True)
+    monkeypatch.setitem(gemm.FP32_OUT_OK, "cpu", (True, True))
+    assert gemm.gemm_plan(torch.bfloat16, CPU) == (torch.bfloat16, True)
     out, gh, gw = _fused(hidden, weight, targets, kw)
     assert gh.dtype == gw.dtype == torch.bfloat16
     assert _rel(out.logp, ref[1]) < 1e-4  # fp32 logits near 100: ulp 2^-17 x 100; bf16 ones: ~1e-1
@@ -86,14 +87,14 @@ def test_grad_weight_without_fp32_out_addmm_equals_the_fused_epilogue(monkeypatc
     # does not. The LM head must keep bf16 operands with fp32 output (not fall back to fp32 GEMMs, an fp32
     # copy of the weight) and add each chunk's grad_W through mm + add_, with the same result.
     hidden, weight, targets, kw = _head(t=96, h=64, v=1031)
-    monkeypatch.setitem(ll._FP32_OUT_OK, "cpu", (True, True))
+    monkeypatch.setitem(gemm.FP32_OUT_OK, "cpu", (True, True))
     opts = dict(backend="torch", chunk_size=32)  # 3 chunks; grad_W accumulated in fp32 (the addmm's job)
     fused = linear_policy_loss(_leaf(hidden), _leaf(weight), targets, **kw, **opts)
     h1, w1 = _leaf(hidden), _leaf(weight)
     linear_policy_loss(h1, w1, targets, **kw, **opts).loss.backward()
 
-    monkeypatch.setitem(ll._FP32_OUT_OK, "cpu", (True, False))
-    assert ll.gemm_plan(torch.bfloat16, CPU) == (torch.bfloat16, True)  # still bf16 operands, fp32 output
+    monkeypatch.setitem(gemm.FP32_OUT_OK, "cpu", (True, False))
+    assert gemm.gemm_plan(torch.bfloat16, CPU) == (torch.bfloat16, True)  # still bf16 operands, fp32 output
     h2, w2 = _leaf(hidden), _leaf(weight)
     fallback = linear_policy_loss(h2, w2, targets, **kw, **opts)
     fallback.loss.backward()

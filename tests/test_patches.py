@@ -33,6 +33,24 @@ def train_losses(tmp_path, name, steps=20, device="cpu", **kernels):
     return out, trainer
 
 
+@pytest.fixture
+def interpreted_liger(monkeypatch):
+    """Liger's kernels as the Triton interpreter runs them. `triton.jit` picks the interpreter when it decorates a
+    kernel, i.e. when liger_kernel is imported; an earlier test may have imported it with TRITON_INTERPRET unset
+    (the trainer tests do), which leaves compiled-only kernels that fail here with "0 active drivers". So import
+    it afresh under TRITON_INTERPRET=1 and put the earlier modules back afterwards."""
+    import sys
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    saved = {name: mod for name, mod in sys.modules.items() if name.split(".")[0] == "liger_kernel"}
+    for name in saved:
+        del sys.modules[name]
+    yield
+    for name in [n for n in sys.modules if n.split(".")[0] == "liger_kernel"]:
+        del sys.modules[name]
+    sys.modules.update(saved)
+
+
 # The issue's check runs the SFT trainer 20 steps eager and compiled (~4 min of inductor + training on 2 CPU
 # cores): CEILING_COMPILE_STEPS=20 pytest tests/test_patches.py -k trainer. CI runs the one-compile test below.
 COMPILE_STEPS = int(os.environ.get("CEILING_COMPILE_STEPS", "0"))
@@ -91,8 +109,8 @@ def test_liger_module_swaps_keep_names_and_parameters(tmp_path, kind):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_LIGER, reason="liger-kernel not installed")
-def test_liger_rope_matches_eager_loss_and_gradients(tmp_path, monkeypatch):
-    """Liger's RoPE kernel through Triton's interpreter (TRITON_INTERPRET=1, set by conftest): one step, 2 layers."""
+def test_liger_rope_matches_eager_loss_and_gradients(tmp_path, monkeypatch, interpreted_liger):
+    """Liger's RoPE kernel through Triton's interpreter (the `interpreted_liger` fixture): one step, 2 layers."""
     from transformers.models.qwen2 import modeling_qwen2
 
     monkeypatch.setattr(modeling_qwen2, "apply_rotary_pos_emb", modeling_qwen2.apply_rotary_pos_emb)  # restored after
@@ -113,13 +131,12 @@ def test_liger_rope_matches_eager_loss_and_gradients(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not HAS_LIGER, reason="liger-kernel is not installed")
 @pytest.mark.parametrize("op", ["rms_norm", "swiglu"])
-def test_liger_rms_norm_and_swiglu_in_the_interpreter(op, monkeypatch):
+def test_liger_rms_norm_and_swiglu_in_the_interpreter(op, interpreted_liger):
     """Runs Liger's kernels in the Triton interpreter against eager. They fail there today (INTERPRETER_FAILS),
     so this is a strict xfail: the day they run, it fails and the CPU check of the Liger paths can be enabled.
     The GPU test below runs them on CUDA."""
     from triton.runtime.errors import InterpreterError
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g)
     try:

@@ -34,7 +34,7 @@ def tok():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tok):
     """(policy under FSDP2, optimizer, rollout) sharing the same initial weights."""
-    os.environ.pop("TRITON_INTERPRET", None)  # the torch loss path, as the trainer uses on CPU
+    interpret = os.environ.pop("TRITON_INTERPRET", None)  # the torch loss path, as the trainer uses on CPU
     from engine.distributed import apply_fsdp, destroy_distributed, init_distributed
 
     model_dir = tmp_path_factory.mktemp("tiny")
@@ -50,6 +50,8 @@ def setup(tmp_path_factory, tok):
     yield policy, optimizer, rollout, state
     rollout.close()  # before our teardown: vLLM's shuts down the process group it shares
     destroy_distributed()
+    if interpret is not None:  # the later modules' kernel tests expect conftest's setting
+        os.environ["TRITON_INTERPRET"] = interpret
 
 
 @pytest.fixture(scope="module")

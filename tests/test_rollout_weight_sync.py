@@ -15,6 +15,7 @@ from engine.config import load_config
 from engine.data.tokenizer import build_char_tokenizer
 from engine.errors import ConfigError
 from engine.models import PackedCausalLM, build_model
+from engine.models.hf_checkpoint import hf_name
 from engine.rollout import RolloutConfig, SamplingParams, check_weight_version
 from engine.rollout.base import sample_seed
 from engine.rollout.hf import HFRollout
@@ -25,7 +26,6 @@ from engine.rollout.weight_sync import (
     copy_full_weights,
     engine_name,
     fingerprint_bucket,
-    hf_name,
     iter_weight_buckets,
     probe_input,
 )
@@ -205,9 +205,9 @@ def _rl_job(root, init_checkpoint):
 def _two_rank_worker(rank, port, root, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.pop("TRITON_INTERPRET", None)
-    from engine.checkpoint import save_checkpoint
     from engine.distributed import apply_fsdp, destroy_distributed, init_distributed
     from engine.rl.trainer import RLTrainer
+    from engine.rundir.checkpoint import save_checkpoint
 
     info = init_distributed("cpu")
     try:

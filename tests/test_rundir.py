@@ -163,3 +163,21 @@ def test_run_lock_holder_is_a_lock_of_the_shared_module(tmp_path):
     finally:
         release_run_lock(run_dir)
     assert not (run_dir / "run.lock").exists()
+
+
+def test_break_lock_removes_only_the_holder_it_read_and_waits_for_the_guard(tmp_path):
+    """The sweep removes a dead host's run locks with `break_lock`: never a lock another process has taken since
+    it was read, and never while another taker holds the guard."""
+    path = tmp_path / "run" / "run.lock"
+    path.parent.mkdir()
+    dead = {"host": "gone-host", "pid": 7, "start": None, "token": "old"}
+    path.write_text(json.dumps(dead))
+    guard = path.with_name(path.name + ".takeover")
+    guard.write_text("")
+    assert not lock.break_lock(path, dead) and read_json(path) == dead  # another taker is mid-takeover
+    guard.unlink()
+    fresh = {**dead, "host": socket.gethostname(), "token": "new"}
+    path.write_text(json.dumps(fresh))  # retaken since the caller read it
+    assert not lock.break_lock(path, dead) and read_json(path) == fresh
+    path.write_text(json.dumps(dead))
+    assert lock.break_lock(path, dead) and not path.exists() and not list(path.parent.glob("*.stale.*"))

@@ -1,4 +1,5 @@
-"""Triton kernels, each file with its kernels, launcher, autograd.Function; plain-torch references in reference.py.
+"""Triton kernels: linear_loss.py (the fused LM-head loss: kernels, launchers, autograd.Function), gemm.py (how its
+three GEMMs run on each device), reference.py (plain-torch references).
 
 Import kernel modules lazily (after TRITON_INTERPRET is decided): `from ceiling_kernels.linear_loss import ...`.
 """

@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from engine.rundir.files import write_json_atomic
+
 Mix = Literal["uniform", "easy", "hard"]
 MIXES = ("uniform", "easy", "hard")
 OPERATIONS = ("+", "-", "*")
@@ -261,5 +263,5 @@ def write_task(cfg: SyntheticTaskConfig, out_dir: str | Path) -> dict[str, Path]
     paths = {
         split: write_jsonl(rows, out_dir / f"{split}.jsonl") for split, rows in generate_task(cfg).items()
     }
-    (out_dir / "task_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(out_dir / "task_config.json", asdict(cfg))  # last: the trainers take it to mean "written whole"
     return paths

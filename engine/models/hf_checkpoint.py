@@ -34,14 +34,17 @@ from engine.errors import CeilingError
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
                       "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
-WRAPPER_PARTS = ("._checkpoint_wrapped_module", "._orig_mod")
+# Module-name segments that wrappers insert between an HF module and its parameters: activation checkpointing,
+# torch.compile, FSDP1. The one map from the engine's parameter names to the names HF and vLLM load.
+WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
 
 
-def hf_name(param_name: str) -> str:
-    """The HF state-dict key of a parameter of PackedCausalLM (wrappers and the `hf.` prefix removed)."""
-    for part in WRAPPER_PARTS:
-        param_name = param_name.replace(part, "")
-    return param_name[len("hf."):] if param_name.startswith("hf.") else param_name
+def hf_name(fqn: str) -> str:
+    """`hf.model.layers.0._checkpoint_wrapped_module.mlp.up_proj.weight` -> `model.layers.0.mlp.up_proj.weight`."""
+    parts = [p for p in fqn.split(".") if p not in WRAPPER_SEGMENTS]
+    if parts and parts[0] == "hf":
+        parts = parts[1:]
+    return ".".join(parts)
 
 
 def _rank_world() -> tuple[int, int]:

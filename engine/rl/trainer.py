@@ -25,7 +25,6 @@ is logged and appended to `<run>/eval_curve.json`.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -36,13 +35,6 @@ import torch
 import torch.distributed as dist
 
 from engine import flops as flops_lib
-from engine.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    resume_latest,
-    save_checkpoint,
-)
 from engine.config import RLJobConfig
 from engine.data.packing import collate_packed, pack_for_ranks
 from engine.data.sft_dataset import encode_prompts, encode_texts, load_prompt_rows
@@ -50,6 +42,7 @@ from engine.data.synthetic import write_task
 from engine.data.tokenizer import end_of_turn_id, load_tokenizer
 from engine.distributed import all_reduce_sum, barrier, compute_dtype, init_distributed
 from engine.errors import CeilingError
+from engine.fit_loop import FitLoop
 from engine.losses import linear_policy_loss
 from engine.models import PackedCausalLM, build_model
 from engine.reward import score_responses
@@ -58,7 +51,15 @@ from engine.rl.normalizers import loss_normalizers
 from engine.rl.sampling import Group, dynamic_sampling
 from engine.rl.update import LossSettings, MicroBatchLoss
 from engine.rollout import SamplingParams, build_rollout, check_weight_version
-from engine.rundir.metrics import MetricsLogger, make_run_dir, progress
+from engine.rundir.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    resume_latest,
+    save_checkpoint,
+)
+from engine.rundir.files import write_json_atomic
+from engine.rundir.metrics import make_run_dir
 from engine.training import DataOrder, build_optimizer, build_policy, guarded_step
 
 log = logging.getLogger("ceiling")
@@ -92,7 +93,9 @@ class Seq:
         return sum(self.loss_mask)
 
 
-class RLTrainer:
+class RLTrainer(FitLoop):
+    label, history_key, eval_key, shown = "RL", "eval_history", "eval/pass@1", ("rollout/reward_mean", "eval/pass@1")
+
     def __init__(self, job: RLJobConfig):
         self.job, self.cfg = job, job.rl
         self.spec = ALGORITHMS[self.cfg.algorithm]
@@ -435,10 +438,10 @@ class RLTrainer:
         self.state["eval_history"].append({"step": self.step, "rl_exaflops": self.state["exaflops"], "pass@1": pass1,
                                            "backend": self.rollout.backend, "seconds": round(seconds, 3)})
         if self.info.is_main:
-            (self.run_dir / "eval_curve.json").write_text(json.dumps(self.state["eval_history"], indent=1))
+            write_json_atomic(self.run_dir / "eval_curve.json", self.state["eval_history"])
         return {"eval/pass@1": pass1, "compute/exaflops": self.state["exaflops"], "time/eval_s": seconds}
 
-    # ------------------------------------------------------------ the loop
+    # ------------------------------------------------------------ checkpoints
     def save(self) -> Path:
         path = save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, self.scheduler, self.state)
         prune_checkpoints(self.ckpt_root, self.cfg.keep_checkpoints, set())
@@ -451,56 +454,36 @@ class RLTrainer:
             self.step = state.pop("step")
             self.state.update(state)
 
-    def fit(self, stop_after_step: int | None = None, stop_when=None) -> dict[str, object]:
-        """Train to `rl.steps` (resuming if a checkpoint exists). `stop_after_step` simulates a crash.
+    # ------------------------------------------------------------ the loop (engine/fit_loop.py)
+    def bar_name(self) -> str:
+        return f"rl:{self.cfg.algorithm}"
 
-        `stop_when(eval_history) -> str | None` is asked after each evaluation; a reason ends the branch
-        there (checkpointed), e.g. `ceiling_stop_rule` once the predicted ceiling has settled.
-        """
-        cfg, info = self.cfg, self.info
-        self.maybe_resume()
-        if self.state.get("stopped"):  # an earlier run already ended this branch early
-            return self._summary()
+    def start(self, metrics) -> None:
         self.sync_rollout()
-        metrics = MetricsLogger(self.run_dir, tensorboard=self.job.run.tensorboard, enabled=info.is_main)
-        bar = progress(cfg.steps, f"rl:{cfg.algorithm}", initial=self.step, enabled=info.is_main and self.job.run.progress)
-        try:
-            if self.step == 0 and cfg.eval_every and self.eval_prompts:
-                metrics.log(0, self._record_eval())
-            while self.step < cfg.steps and not self._budget_spent():
-                record = self.train_step()
-                last = self.step == cfg.steps or self._budget_spent()
-                if self.eval_prompts and cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
-                    record.update(self._record_eval())
-                if self.step % self.job.run.log_every == 0 or last or "eval/pass@1" in record:
-                    logged = metrics.log(self.step, record)
-                    bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in logged.items()
-                                     if k in ("rollout/reward_mean", "eval/pass@1") and v is not None})
-                bar.update(1)
-                reason = stop_when(self.state["eval_history"]) if stop_when and "eval/pass@1" in record else None
-                if reason:
-                    self.state["stopped"] = {"step": self.step, "reason": reason}
-                    log.info("RL stops at step %d: %s", self.step, reason)
-                if last or reason or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
-                    self.save()
-                if reason:
-                    break
-                if stop_after_step is not None and self.step >= stop_after_step:
-                    return {"stopped_at": self.step}
-        finally:
-            bar.close()
-            metrics.close()
-        return self._summary()
+        if self.step == 0 and self.cfg.eval_every and self.eval_prompts:
+            metrics.log(0, self._record_eval())  # the starting point of the branch's curve
+
+    def finished(self) -> bool:
+        return self.step >= self.cfg.steps or self._budget_spent()
+
+    def step_record(self) -> dict[str, object]:
+        """One step; its metrics on `log_every` steps, evaluations and the last; evaluated on `eval_every`."""
+        cfg = self.cfg
+        record = self.train_step()
+        last = self.finished()
+        if self.eval_prompts and cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
+            record.update(self._record_eval())
+        return record if self.step % self.job.run.log_every == 0 or last or "eval/pass@1" in record else {}
 
     def _budget_spent(self) -> bool:
         return self.cfg.max_exaflops is not None and self.state["exaflops"] >= self.cfg.max_exaflops
 
-    def _summary(self) -> dict[str, object]:
+    def finish(self) -> dict[str, object]:
         summary = {"steps": self.step, "exaflops": self.state["exaflops"], "eval_history": self.state["eval_history"],
                    "stopped": self.state.get("stopped"), "checkpoint": str(latest_checkpoint(self.ckpt_root)),
                    "rollout_backend": self.rollout.backend}
         if self.info.is_main:
-            (self.run_dir / "rl_summary.json").write_text(json.dumps(summary, indent=1))
+            write_json_atomic(self.run_dir / "rl_summary.json", summary)
         return summary
 
 

@@ -40,9 +40,9 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from engine.errors import CeilingError
+from engine.models.hf_checkpoint import hf_name
 
 __all__ = [
-    "WRAPPER_SEGMENTS",
     "Fingerprint",
     "WeightSyncError",
     "WeightSyncWorkerExtension",
@@ -50,27 +50,16 @@ __all__ = [
     "copy_full_weights",
     "engine_name",
     "fingerprint_bucket",
-    "hf_name",
     "iter_weight_buckets",
     "probe_input",
 ]
 
-# Module-name segments that wrappers insert between an HF module and its parameters.
-WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
 PROBE_ROWS = 4
 PROBE_SEED = 20_251_211
 
 
 class WeightSyncError(CeilingError):
     """The rollout engine does not hold the trainer's weights (checksum mismatch, stale version, stale cache)."""
-
-
-def hf_name(fqn: str) -> str:
-    """`hf.model.layers.0._checkpoint_wrapped_module.mlp.up_proj.weight` -> `model.layers.0.mlp.up_proj.weight`."""
-    parts = [p for p in fqn.split(".") if p not in WRAPPER_SEGMENTS]
-    if parts and parts[0] == "hf":
-        parts = parts[1:]
-    return ".".join(parts)
 
 
 def iter_weight_buckets(model: torch.nn.Module, bucket_bytes: int, dtype: torch.dtype | None = None,

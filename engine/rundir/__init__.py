@@ -5,9 +5,10 @@
     lock.py      the one O_EXCL lock file (holder JSON, guarded stale takeover, pid liveness)
     run_lock.py  `<run>/run.lock`: one process per run directory
     metrics.py   the run directory itself (`make_run_dir`), metrics.jsonl, TensorBoard, progress bars
+    checkpoint.py  verified torch.distributed.checkpoint steps: the largest part of a run's durable state,
+                 written by the same rules (temp folder, fsync, rename, fsync the folder), with a manifest of
+                 checksums that resume verifies
 
-Checkpoints belong here too (engine/checkpoint.py moves in as checkpoint.py): they are the largest part of a
-run's durable state, written by the same rules (temp, fsync, rename, fsync the folder).
 Nothing is re-exported: `files` and `lock` need only the standard library, and importing them must not pull
-in torch.
+in torch (`checkpoint` does).
 """

@@ -4,6 +4,7 @@ the sweep's item locks (engine/sweep/worker.py).
     got = acquire(path, stale_reason, attempts=5, on_takeover=None)   # a Lock, a live holder's record, or None
     got.still_ours(); got.release()
     read_holder(path)   # {"host", "pid", "start", "token", "since", "age"}, or None when the lock is free
+    break_lock(path, holder)   # remove exactly `holder`'s lock, under the takeover guard (a dead host's lock)
 
 A lock is a file created with O_CREAT | O_EXCL that holds its holder as JSON, so exactly one creator wins. Its
 mtime is when the holder last touched it (the sweep's heartbeat); `age` is the seconds since. A holder that the
@@ -126,6 +127,12 @@ def acquire(path: str | Path, stale_reason: Callable[[dict], str | None], *, att
         if _take_over(path, holder, me["token"]) and on_takeover is not None:
             on_takeover(holder, reason)
     return None
+
+
+def break_lock(path: str | Path, holder: dict) -> bool:
+    """Remove the lock at `path` if it is still `holder`'s (as read from it), by the takeover rules: for a caller
+    that knows the holder is gone where `stale_reason` cannot tell (its host is dead). True when it was removed."""
+    return _take_over(Path(path), holder, uuid.uuid4().hex)
 
 
 def _take_over(path: Path, holder: dict, token: str) -> bool:

@@ -21,7 +21,6 @@ micro-batch's sample ids, and leaves the last good checkpoint as it was.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from functools import partial
@@ -31,12 +30,6 @@ import torch
 
 from engine import flops as flops_lib
 from engine.analysis.phases import current_subphase
-from engine.checkpoint import (
-    latest_checkpoint,
-    prune_checkpoints,
-    resume_latest,
-    save_checkpoint,
-)
 from engine.config import SFTJobConfig
 from engine.data.packing import IGNORE_INDEX, PackedBatch, collate_packed, pack_for_ranks
 from engine.data.synthetic import write_task
@@ -44,9 +37,17 @@ from engine.data.token_store import TokenStore, open_token_store
 from engine.data.tokenizer import load_tokenizer
 from engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from engine.errors import CeilingError
+from engine.fit_loop import FitLoop
 from engine.losses import linear_cross_entropy
 from engine.models.hf_checkpoint import save_hf_sharded
-from engine.rundir.metrics import MetricsLogger, make_run_dir, progress
+from engine.rundir.checkpoint import (
+    latest_checkpoint,
+    prune_checkpoints,
+    resume_latest,
+    save_checkpoint,
+)
+from engine.rundir.files import write_json_atomic
+from engine.rundir.metrics import make_run_dir
 from engine.training import DataOrder, build_optimizer, build_policy, guarded_step
 
 log = logging.getLogger("ceiling")
@@ -80,7 +81,9 @@ def _dummy_batch() -> PackedBatch:
     return collate_packed([[0]], [[0]], [-1])
 
 
-class SFTTrainer:
+class SFTTrainer(FitLoop):
+    label, history_key, eval_key, shown = "SFT", "val_history", "val/loss", ("train/loss", "val/loss")
+
     def __init__(self, job: SFTJobConfig, stores: tuple[TokenStore, TokenStore | None] | None = None):
         """`stores`: ready (train, val) token stores, e.g. a benchmark's; default: built from `job.data`."""
         self.job, self.cfg = job, job.sft
@@ -191,61 +194,34 @@ class SFTTrainer:
                             state["data_position"])
             self.state.update(state)
 
-    # ------------------------------------------------------------ the loop
-    def fit(self, stop_after_step: int | None = None, stop_when=None) -> dict[str, object]:
-        """Train to `sft.steps` (resuming if a checkpoint exists). `stop_after_step` simulates a crash.
+    # ------------------------------------------------------------ the loop (engine/fit_loop.py)
+    def start(self, metrics) -> None:
+        self._window_t, self._window_tokens = time.perf_counter(), 0  # tokens/s since the last log line
 
-        `stop_when(val_history) -> str | None` is asked after each validation; a reason ends SFT there
-        (checkpointed), e.g. the pipeline's switch to RL once the Stable sub-phase is confirmed.
-        """
-        cfg, info = self.cfg, self.info
-        self.maybe_resume()
-        if self.state.get("stopped"):  # an earlier run already ended SFT early: nothing left to do
-            return self.finish()
-        metrics = MetricsLogger(self.run_dir, tensorboard=self.job.run.tensorboard, enabled=info.is_main)
-        bar = progress(cfg.steps, "sft", initial=self.step, enabled=info.is_main and self.job.run.progress)
-        window_t, window_tokens = time.perf_counter(), 0
-        try:
-            while self.step < cfg.steps:
-                out = self.train_step()
-                window_tokens += out["train/tokens"]
-                last = self.step == cfg.steps
-                record: dict[str, object] = {}
-                if self.step % self.job.run.log_every == 0 or last:
-                    dt = time.perf_counter() - window_t
-                    tokens_per_s = window_tokens / dt
-                    flops_per_s = out["compute/mfu_flops"] * tokens_per_s / out["train/tokens"]
-                    record.update(out)
-                    record.update({
-                        "perf/tokens_per_s": tokens_per_s,
-                        "perf/mfu": flops_lib.mfu(flops_per_s, self.peak * info.world_size) if self.peak else None,
-                        "compute/exaflops": self.state["exaflops"],
-                        "data/epoch": self.state["data_position"] / len(self.train)})
-                    window_t, window_tokens = time.perf_counter(), 0
-                if self.val is not None and cfg.val_every and (self.step % cfg.val_every == 0 or last):
-                    record.update(self._record_validation())
-                    record.setdefault("compute/exaflops", self.state["exaflops"])
-                if record:
-                    logged = metrics.log(self.step, record)
-                    bar.set_postfix({k.split("/")[1]: f"{v:.4g}" for k, v in logged.items()
-                                     if k in ("train/loss", "val/loss") and v is not None})
-                bar.update(1)
-                best_now = record.get("val/is_best") and cfg.save_best
-                reason = stop_when(self.state["val_history"]) if stop_when and "val/loss" in record else None
-                if reason:
-                    self.state["stopped"] = {"step": self.step, "reason": reason}
-                if last or reason or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or best_now:
-                    self.save()
-                if reason:
-                    log.info("SFT stops at step %d: %s", self.step, reason)
-                    break
-                if stop_after_step is not None and self.step >= stop_after_step:
-                    return {"stopped_at": self.step}
-        finally:
-            bar.close()
-            metrics.close()
-        summary = self.finish()
-        return summary
+    def step_record(self) -> dict[str, object]:
+        """One step; its metrics on `log_every` steps and the last, and the validation on `val_every` steps."""
+        cfg = self.cfg
+        out = self.train_step()
+        self._window_tokens += out["train/tokens"]
+        last = self.finished()
+        record: dict[str, object] = {}
+        if self.step % self.job.run.log_every == 0 or last:
+            tokens_per_s = self._window_tokens / (time.perf_counter() - self._window_t)
+            flops_per_s = out["compute/mfu_flops"] * tokens_per_s / out["train/tokens"]
+            peak = self.peak * self.info.world_size if self.peak else None
+            record.update(out)
+            record.update({"perf/tokens_per_s": tokens_per_s,
+                           "perf/mfu": flops_lib.mfu(flops_per_s, peak) if peak else None,
+                           "compute/exaflops": self.state["exaflops"],
+                           "data/epoch": self.state["data_position"] / len(self.train)})
+            self._window_t, self._window_tokens = time.perf_counter(), 0
+        if self.val is not None and cfg.val_every and (self.step % cfg.val_every == 0 or last):
+            record.update(self._record_validation())
+            record.setdefault("compute/exaflops", self.state["exaflops"])
+        return record
+
+    def must_save(self, record: dict[str, object]) -> bool:
+        return bool(record.get("val/is_best") and self.cfg.save_best)
 
     def finish(self) -> dict[str, object]:
         summary = {"steps": self.step, "exaflops": self.state["exaflops"], "tokens": self.state["tokens"],
@@ -256,7 +232,7 @@ class SFTTrainer:
             save_hf_sharded(self.model, self.run_dir / "hf", self.tokenizer)
             summary["hf_dir"] = str(self.run_dir / "hf")
         if self.info.is_main:
-            (self.run_dir / "sft_summary.json").write_text(json.dumps(summary, indent=1))
+            write_json_atomic(self.run_dir / "sft_summary.json", summary)
             best = self.state["best"]
             log.info("SFT done: %d steps, %.4g EFLOPs; min val loss %s", self.step, self.state["exaflops"],
                      f"{best['val_loss']:.4f} at step {best['step']}" if best else "n/a")

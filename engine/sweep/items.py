@@ -41,7 +41,6 @@ from pathlib import Path
 
 from engine.analysis.early_stop import ceiling_stop_rule
 from engine.analysis.phases import classify_subphases
-from engine.checkpoint import checkpoint_name
 from engine.config import (
     DataConfig,
     RLJobConfig,
@@ -54,7 +53,9 @@ from engine.config import (
 from engine.distributed import destroy_distributed
 from engine.errors import CeilingError, ConfigError
 from engine.rl.trainer import RLTrainer
+from engine.rundir.checkpoint import checkpoint_name
 from engine.rundir.files import read_json, write_json_atomic
+from engine.rundir.lock import break_lock
 from engine.sft.trainer import SFTTrainer
 from engine.sweep.worker import Item, RunDir, Worker
 
@@ -317,13 +318,13 @@ class Sweep:
     def worker(self, run_item=None, heartbeat: float = 30.0, poll: float = 10.0, retry_failed: bool = False) -> Worker:
         """A worker over this sweep; `run_item(item, lock, heartbeat) -> record` defaults to this process."""
         def clear_run_locks(name: str, holder: dict) -> None:
-            # The stale holder's child held the item's run locks (engine/run_lock.py). On this host run_lock
+            # The stale holder's child held the item's run locks (engine/rundir/run_lock.py). On this host run_lock
             # sees a dead pid itself; from another host it cannot, so the locks of the dead host go here.
             for d in self.run_dirs(name):
                 lock = read_json(d / "run.lock")
-                if lock and lock.get("host") == holder.get("host") != self.rundir.host:
-                    log.warning("sweep: %s: removing the run lock of pid %s on %s", d, lock.get("pid"), lock.get("host"))
-                    (d / "run.lock").unlink(missing_ok=True)
+                if lock and lock.get("host") == holder.get("host") != self.rundir.host \
+                        and break_lock(d / "run.lock", lock):
+                    log.warning("sweep: %s: removed the run lock of pid %s on %s", d, lock.get("pid"), lock.get("host"))
             time.sleep(min(2.0, heartbeat))  # let an orphaned child notice the takeover and exit
 
         def in_process(item, lock, hb):

@@ -42,7 +42,6 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemWriter
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -51,6 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from engine.distributed import barrier
 from engine.errors import CheckpointError
+from engine.rundir.files import fsync_dir
 
 log = logging.getLogger("ceiling")
 
@@ -137,14 +137,6 @@ class _ChecksumWriter(FileSystemWriter):
         self.fs = _ChecksumFileSystem(self.sums)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_file(path: Path, data: bytes) -> dict[str, int]:
     """Write and fsync `data`; returns its manifest entry."""
     with open(path, "wb") as f:
@@ -157,7 +149,7 @@ def _write_file(path: Path, data: bytes) -> dict[str, int]:
 def _replace(src: Path, dst: Path) -> None:
     """Atomic rename, made durable by fsyncing the parent directory."""
     os.replace(src, dst)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
 
 
 def _describe(exc: BaseException) -> str:
@@ -219,7 +211,7 @@ def _finish_on_rank0(ckpt_root: Path, tmp: Path, final: Path, step: int, schedul
                                               json.dumps({"step": step, **state}, indent=1).encode())
     manifest = {"format": 1, "step": step, "files": dict(sorted(files.items()))}
     _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():  # a stale copy of this step (e.g. one a fallback moved past)
         shutil.rmtree(final)
     _replace(tmp, final)
@@ -398,12 +390,6 @@ def resume_latest(ckpt_root: str | Path, model, optimizer, scheduler, on_bad: st
                           "from scratch")
 
 
-def full_hf_state_dict(model) -> dict[str, torch.Tensor]:
-    """Full (unsharded) weights under HF names, on every rank: what a rollout engine loads (collective)."""
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    return {_hf_key(k): v for k, v in full.items()}
-
-
 def prune_checkpoints(ckpt_root: str | Path, keep_last: int, protect: set[str]) -> None:
     """Delete all but the newest `keep_last` checkpoints, never those named in `protect`."""
     if _rank() != 0 or keep_last <= 0:
@@ -411,38 +397,3 @@ def prune_checkpoints(ckpt_root: str | Path, keep_last: int, protect: set[str]) 
     for path in _step_dirs(Path(ckpt_root))[keep_last:]:
         if path.name not in protect:
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _hf_key(key: str) -> str:
-    key = key.replace("._checkpoint_wrapped_module", "")
-    return key[len("hf."):] if key.startswith("hf.") else key
-
-
-def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path | None:
-    """Gather the full weights and write an HF directory that `from_pretrained` loads (rank 0 writes)."""
-    from transformers import AutoModelForCausalLM
-
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if _rank() != 0:
-        barrier()
-        return None
-    config = model.hf.config
-    state = {_hf_key(k): (v.to(dtype) if dtype is not None else v) for k, v in full.items()}
-    with torch.device("meta"):
-        fresh = AutoModelForCausalLM.from_config(config)
-    fresh.load_state_dict(state, strict=False, assign=True)
-    fresh.tie_weights()
-    missing = [name for name, p in fresh.named_parameters() if p.is_meta]
-    if missing:
-        raise RuntimeError(f"export_hf: parameters missing from the state dict: {missing[:5]}")
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fresh.config.use_cache = True
-    fresh.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    barrier()
-    return out_dir
