@@ -2,6 +2,7 @@
 
     class SFTTrainer(FitLoop): ...      # provides the hooks below
     trainer.fit()                       # to the end (or the stop rule's reason), resuming if it can
+    trainer.fit(pause_at=8)             # one slice of the plan: to step 8, checkpointed (a sweep's race)
     trainer.fit(stop_after_step=3)      # a simulated crash after step 3 (the fault tests)
 
 A trainer provides `step`, `state` (a dict saved in every checkpoint, holding its evaluations under
@@ -40,16 +41,18 @@ class FitLoop:
         """A checkpoint beyond the periodic ones (SFT: a new best validation loss)."""
         return False
 
-    def fit(self, stop_after_step: int | None = None, stop_when=None) -> dict[str, object]:
+    def fit(self, stop_after_step: int | None = None, stop_when=None, pause_at: int | None = None) -> dict[str, object]:
         """Train to the end of the plan, resuming from the latest verified checkpoint.
 
         `stop_when(history) -> str | None` is asked after each evaluation; a reason ends the run there,
         checkpointed, and a later `fit` returns at once (the pipeline's switch to RL, a sweep's early stop).
-        `stop_after_step` returns `{"stopped_at": step}` after that step, as a crash would leave it.
+        `pause_at` ends this call at that step with a checkpoint (the schedule stays the whole plan's), so a later
+        `fit` goes on from there exactly. `stop_after_step` returns `{"stopped_at": step}` after that step, as a
+        crash would leave it.
         """
         self.maybe_resume()
-        if self.state.get("stopped"):  # an earlier run already ended it early: nothing left to do
-            return self.finish()
+        if self.state.get("stopped") or (pause_at is not None and self.step >= pause_at):
+            return self.finish()  # ended early by a stop rule, or this slice was already run: nothing to do
         main = self.info.is_main
         metrics = MetricsLogger(self.run_dir, tensorboard=self.job.run.tensorboard, enabled=main)
         bar = progress(self.cfg.steps, self.bar_name(), initial=self.step, enabled=main and self.job.run.progress)
@@ -57,7 +60,7 @@ class FitLoop:
             self.start(metrics)
             while not self.finished():
                 record = self.step_record()
-                last = self.finished()
+                last = self.finished() or (pause_at is not None and self.step >= pause_at)
                 if record:
                     logged = metrics.log(self.step, record)
                     bar.set_postfix({k.split("/")[1]: f"{v:.4g}" for k, v in logged.items()
@@ -70,7 +73,7 @@ class FitLoop:
                 every = self.cfg.checkpoint_every
                 if last or reason or (every and self.step % every == 0) or self.must_save(record):
                     self.save()
-                if reason:
+                if reason or last:
                     break
                 if stop_after_step is not None and self.step >= stop_after_step:
                     return {"stopped_at": self.step}

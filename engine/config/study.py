@@ -78,8 +78,19 @@ class SweepConfig:
     """Synchronized SFT-RL baselines, each an RL run from the base model with that rl.algorithm."""
     eval_samples: int = 2
     """Samples per eval prompt for the pass@1 of the base model and each SFT checkpoint."""
-    early_stop: bool = False
-    """Stop an RL branch once its predicted ceiling settles (ceiling_stop_rule)."""
+    early_stop: bool | Literal["off", "branch", "compare"] = "off"
+    """'branch' (or true): stop an RL branch once its own predicted ceiling settles (ceiling_stop_rule).
+    'compare': the branches of a scene run side by side in slices (`race_slices`) and, between slices, every
+    branch whose optimistic ceiling is below the leader's pessimistic one stops (engine/analysis/race.py); the
+    leader and its contenders run on until their ceiling settles or their plan ends (engine/sweep/race.py)."""
+    race_slices: int = 5
+    """compare: the slices the RL plan (`rl.steps`) is cut into; each ends on an evaluation."""
+    race_k: float = 2.0
+    """compare: standard errors on each side of A_post that make a branch's bounds."""
+    race_margin: float = 0.0
+    """compare: points added to the leader's lower bound (> 0 also stops branches that could win by less)."""
+    race_min_points: int = 6
+    """compare: evaluations (the start included) before a branch's fit can bound it."""
     tol: float = 0.5
     """Early stop: A_post must move less than `tol` points ..."""
     patience: int = 3
@@ -92,6 +103,10 @@ class SweepConfig:
     """Scenes (variants of data.synthetic); >= 3 gives the min-val-loss / A_post correlation."""
 
     def __post_init__(self):
+        if isinstance(self.early_stop, bool):  # the older spelling: true meant the per-branch rule
+            self.early_stop = "branch" if self.early_stop else "off"
+        if self.race_slices < 1 or self.race_k < 0 or self.race_min_points < 5:
+            raise ValueError("sweep: need race_slices >= 1, race_k >= 0 and race_min_points >= 5 (a fit has 3 parameters)")
         if self.branches < 1 or self.eval_samples < 1:
             raise ValueError("sweep.branches and sweep.eval_samples must be >= 1")
         if self.tol <= 0 or self.patience < 1 or self.min_points < 1 or not 0 <= self.min_fraction <= 1:

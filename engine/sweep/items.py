@@ -15,7 +15,8 @@ Items of one scene (`sweep.scenes`, each a variant of `data.synthetic`), run in 
   <scene>/rl/<k>        an RL branch (rl.algorithm) from SFT checkpoint k                 after <scene>/sft
   <scene>/rl/0          pure RL from the base model
   <scene>/baseline/<a>  the synchronized SFT-RL baselines (LUFFY, SRFT, UPT) from the base model
-With `sweep.early_stop`, a branch stops once its predicted ceiling settles (`ceiling_stop_rule`). When every
+With `sweep.early_stop: branch`, a branch stops once its predicted ceiling settles (`ceiling_stop_rule`); with
+`compare`, the branches run side by side in slices and stop once they cannot win (engine/sweep/race.py). When every
 item is done, the scene is written as a RETU scene (`scene.json`, compute in GFLOPs), every branch is fitted
 (A_post = P_sft + PL_rl) and `sweep_report.md` collects tables, figures and the compute spent against a full
 sweep (engine/sweep/report.py).
@@ -57,6 +58,7 @@ from engine.rundir.checkpoint import checkpoint_name
 from engine.rundir.files import read_json, write_json_atomic
 from engine.rundir.lock import break_lock
 from engine.sft.trainer import SFTTrainer
+from engine.sweep.race import Race
 from engine.sweep.worker import Item, RunDir, Worker
 
 log = logging.getLogger("ceiling")
@@ -110,6 +112,9 @@ class Sweep:
         for name in self.scenes:
             sft = self.rundir.record(f"{name}/sft")
             items.append(Item(f"{name}/sft_eval", (f"{name}/sft",), "pass@1 of the base model and each SFT checkpoint"))
+            if sft and self.job.sweep.early_stop == "compare":
+                items += self.race(name).items((f"{name}/sft",), f"{self.job.rl.algorithm} branches, side by side")
+                continue
             for step in sft["branches"] if sft else []:
                 items.append(Item(f"{name}/rl/{step}", (f"{name}/sft",), f"{self.job.rl.algorithm} from SFT step {step}"))
         for name, spec in self.scenes.items():
@@ -131,9 +136,12 @@ class Sweep:
             rec = self.rundir.record(item.name)
             if rec is None:
                 continue
-            state["done"].append(item.name)
             scene, kind, *rest = item.name.split("/")
             st = state["scenes"].setdefault(scene, {})
+            if len(rest) > 1:  # a slice of a race: its time goes to its branch's record below
+                st.setdefault("slices", {})[item.name] = rec.get("worker", {})
+                continue
+            state["done"].append(item.name)
             st.setdefault("workers", {})[item.name] = rec.get("worker", {})
             if kind == "sft":
                 st["sft"], st["branches"] = rec["sft"], rec["branches"]
@@ -141,7 +149,20 @@ class Sweep:
                 st["sft_pass1"], st["n_eval"] = rec["sft_pass1"], rec["n_eval"]
             else:
                 st.setdefault("rl", {})[f"{kind}/{rest[0]}"] = rec["rl"]
+        for scene, st in state["scenes"].items():
+            for name, who in st.pop("slices", {}).items():  # a race branch ran on the hosts of its slices
+                branch = st["workers"].setdefault(name.rsplit("/", 1)[0], {})
+                branch["seconds"] = branch.get("seconds", 0.0) + who.get("seconds", 0.0)
+                branch.setdefault("slice_hosts", []).append(who.get("host", "?"))
+            if self.job.sweep.early_stop == "compare" and "branches" in st:
+                st["race"] = self.race(scene).summary()
         return state
+
+    def race(self, scene: str) -> Race:
+        """The live comparison of `scene`'s RL branches (sweep.early_stop: compare), read from the records."""
+        job = self.job
+        return Race(scene, self._need(f"{scene}/sft")["branches"], self.rundir.record, job.rl.steps,
+                    job.rl.eval_every, job.sweep)
 
     def run_dirs(self, name: str) -> list[Path]:
         """The run directories an item writes (their run locks are cleared when a stale item is taken over)."""
@@ -175,7 +196,7 @@ class Sweep:
     def run_item(self, name: str) -> dict:
         """Run item `name` here (resuming from its own checkpoints) and return its record."""
         scene, kind, *rest = name.split("/")
-        if scene not in self.scenes or kind not in ("sft", "sft_eval", "rl", "baseline") or len(rest) > 1:
+        if scene not in self.scenes or kind not in ("sft", "sft_eval", "rl", "baseline") or len(rest) > 1 + (kind == "rl"):
             raise ConfigError(f"sweep: no item {name!r} (see --plan)")
         spec = self.scenes[scene]
         if kind == "sft":
@@ -183,10 +204,17 @@ class Sweep:
         if kind == "sft_eval":
             return self.run_sft_eval(spec, self._need(f"{scene}/sft"))
         if kind == "rl":
-            step = int(rest[0])
+            step, sweep = int(rest[0]), self.job.sweep
             if step and step not in self._need(f"{scene}/sft")["branches"]:
                 raise ConfigError(f"sweep: {name}: SFT step {step} is not one of the branches of {scene}")
-            return self.run_rl(spec, name, self.job.rl.algorithm, step, self.job.sweep.early_stop and (step > 0 or not self.job.sweep.matched_compute))
+            if step and sweep.early_stop == "compare":
+                race = self.race(scene)
+                if len(rest) == 1:
+                    return race.branch_record(step)
+                pause_at = race.slice_target(step, int(rest[1].lstrip("r")))
+                return self.run_rl(spec, name, self.job.rl.algorithm, step, False, pause_at)
+            return self.run_rl(spec, name, self.job.rl.algorithm, step,
+                               sweep.early_stop == "branch" and (step > 0 or not sweep.matched_compute))
         return self.run_rl(spec, name, rest[0], None, False)
 
     def matched_budget(self, scene: str) -> dict | None:
@@ -196,7 +224,10 @@ class Sweep:
             return None
         sft = self._need(f"{scene}/sft")["sft"]
         best = sft["best"]["step"]
-        rl = self._need(f"{scene}/rl/{best}")["rl"]
+        rl = dict(self._need(f"{scene}/rl/{best}")["rl"])
+        if self.job.sweep.early_stop == "compare" and rl["steps"] < rl["planned_steps"]:
+            # the race stopped it: the sequential paradigm would have run its whole plan
+            rl["exaflops"], rl["steps"] = rl["exaflops"] * rl["planned_steps"] / max(rl["steps"], 1), rl["planned_steps"]
         sft_ef = next(h["exaflops"] for h in sft["val_history"] if h["step"] == best)
         return {"sft_step": best, "sft_exaflops": sft_ef, "rl_exaflops": rl["exaflops"],
                 "exaflops": sft_ef + rl["exaflops"], "rl_step_exaflops": rl["exaflops"] / max(rl["steps"], 1)}
@@ -297,7 +328,8 @@ class Sweep:
                              kernels=job.kernels, fsdp=job.fsdp)
         return rl_job, budget
 
-    def run_rl(self, spec: SceneSpec, key: str, algorithm: str, init_step: int | None, early_stop: bool) -> dict:
+    def run_rl(self, spec: SceneSpec, key: str, algorithm: str, init_step: int | None, early_stop: bool,
+               pause_at: int | None = None) -> dict:
         job, sweep = self.job, self.job.sweep
         rl_job, budget = self.rl_job(spec, key, algorithm, init_step)
         name = rl_job.run.name
@@ -305,7 +337,7 @@ class Sweep:
                                  planned_steps=job.rl.steps) if early_stop else None
         trainer = RLTrainer(rl_job)
         try:
-            summary = trainer.fit(stop_when=rule)
+            summary = trainer.fit(stop_when=rule, pause_at=pause_at)
         finally:
             trainer.rollout.close()
             destroy_distributed()

@@ -146,6 +146,7 @@ def write_sweep_report(job, root: Path, state: dict) -> Path:
                               f"{_gf(r['exaflops'], 4):.4g} | {100 * r['eval_history'][-1]['pass@1']:.2f} |"
                               for k, r in st.get("rl", {}).items() if k.startswith("baseline/") and r["eval_history"])
         task = replace_task(job, spec)
+        race = race_markdown(st) if st.get("race") else ""
         sections.append(f"""## Scene `{spec.name}`
 
 Task: {task}. SFT ran {st['sft']['steps']} steps ({_gf(st['sft']['exaflops']):.2f} GFLOPs); minimum validation
@@ -163,7 +164,7 @@ prompts, T={job.rl.eval_temperature}, {job.sweep.eval_samples} sample(s) each fo
 
 {table}
 ![A_post]({spec.name}/a_post.png)
-
+{race}
 ### Early stopping, replayed
 
 Had each branch been stopped once its predicted A_post moved less than {job.sweep.tol} points over
@@ -192,7 +193,7 @@ of the whole branch, and the branch a user would have picked:
                 + (f" (no fitted branch in: {', '.join(skipped)})" if skipped else "") + ".")
     (root / "table.md").write_text("\n".join(tables))
     early = (f"on (tol {job.sweep.tol}, patience {job.sweep.patience}, min points {job.sweep.min_points}); "
-             "'used/planned' shows the RL steps a branch ran of `rl.steps`") if job.sweep.early_stop else "off"
+             "'used/planned' shows the RL steps a branch ran of `rl.steps`") if job.sweep.early_stop != "off" else "off"
     text = f"""# Sweep `{job.run.name}`: SFT sub-phases x RL branches, Plasticity-Ceiling fits
 
 The paper's study (arXiv 2512.11470) in miniature on the synthetic math task. Compute is in GFLOPs by the
@@ -207,6 +208,7 @@ the last Stable point, Severe above, Adaptive before. Live early stopping of RL 
 ## Compute: spent vs a full sweep
 
 {compute_table(job, state)}
+{picked_lines(state, a_posts)}
 ## Min validation loss vs best A_post
 
 {corr}
@@ -227,6 +229,8 @@ def compute_table(job, state: dict) -> str:
         st = state["scenes"][scene]
         who = st.get("workers", {}).get(name, {})
         where = f"{who.get('host', '?')} pid {who.get('pid', '?')}" if who else "?"
+        if "slice_hosts" in who:  # a race branch: its slices ran as items of their own
+            where = f"{len(who['slice_hosts'])} slices on {', '.join(sorted(set(who['slice_hosts'])))}"
         wall = f"{who['seconds']:.0f}" if "seconds" in who else "?"
         if kind == "sft_eval":
             lines.append(f"| {name} | | not counted | not counted | | {where} | {wall} |")
@@ -242,6 +246,55 @@ def compute_table(job, state: dict) -> str:
         lines.append(f"| {name} | {steps}/{planned} | {spent:.4g} | {full:.4g} | {saved} | {where} | {wall} |")
     saved = f"{100 * (1 - spent_total / full_total):.1f}%" if full_total > 0 else "-"
     lines.append(f"| **total** | | {spent_total:.4g} | {full_total:.4g} | {saved} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def picked_lines(state: dict, a_posts: dict) -> str:
+    """Per scene, the branch the sweep picks: the race's pick (sweep.early_stop: compare), else the best fitted
+    A_post; with A_post +- SE."""
+    lines = []
+    for scene, st in state["scenes"].items():
+        race = st.get("race")
+        fitted = {k: v for k, v in a_posts.get(scene, {}).items() if math.isfinite(v[0])}
+        if race and race["picked"] is not None:
+            lines.append(f"- `{scene}`: SFT step {race['picked']} (picked by the race), A_post "
+                         f"{_ceiling(race['decisions'][race['picked']])}")
+        elif fitted:
+            step, (a, se) = max(fitted.items(), key=lambda kv: kv[1][0])
+            err = f" ± {se:.2f}" if se is not None and math.isfinite(se) else ""
+            lines.append(f"- `{scene}`: SFT step {step} (best fitted A_post), A_post {a:.2f}{err}")
+        else:
+            lines.append(f"- `{scene}`: no branch with a fitted A_post")
+    return "Branch picked per scene:\n\n" + "\n".join(lines) + "\n"
+
+
+def _ceiling(d: dict) -> str:
+    """A decision's A_post +- SE; an SE that is not finite means the fit has not identified the ceiling."""
+    if d["A_post"] is None:
+        return "n/a"
+    if d["SE"] is None or not math.isfinite(d["SE"]):
+        return f"{d['A_post']:.2f} (not identified yet)"
+    return f"{d['A_post']:.2f} ± {d['SE']:.2f}"
+
+
+def race_markdown(st: dict) -> str:
+    """The live race of a scene's branches (sweep.early_stop: compare): each branch's last decision, its compute
+    and the branch picked with A_post +- SE."""
+    race = st["race"]
+    lines = ["", "### Branches compared while they ran (`sweep.early_stop: compare`)", "",
+             f"Slices of {race['slice_steps']} RL steps; rounds: "
+             + "; ".join(f"{r + 1}: {', '.join(map(str, bs))}" for r, bs in enumerate(race["rounds"])) + ".", "",
+             "| SFT step | slices | RL steps used/planned | A_post ± SE | ended | why |", "| ---: | ---: | ---: | ---: | --- | --- |"]
+    for b, d in race["decisions"].items():
+        run = st["rl"][f"rl/{b}"]
+        ceiling = _ceiling(d)
+        lines.append(f"| {b} | {run['race']['slices']} | {run['steps']}/{run['planned_steps']} | {ceiling} | "
+                     f"{d['action']} | {d['reason']} |")
+    picked = race["picked"]
+    if picked is None:
+        lines += ["", "Picked: none (no branch has an identified ceiling)."]
+    else:
+        lines += ["", f"Picked: the branch from SFT step {picked}, A_post {_ceiling(race['decisions'][picked])} points."]
     return "\n".join(lines) + "\n"
 
 
