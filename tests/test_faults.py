@@ -44,7 +44,8 @@ def _child(argv: list[str], log_path: str, inject: tuple[str, int] | None) -> No
     import torch
 
     torch.set_num_threads(1)
-    from engine import checkpoint, cli
+    from engine import cli
+    from engine.rundir import checkpoint
 
     if inject is not None:
         name, n = inject

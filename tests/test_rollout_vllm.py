@@ -6,6 +6,7 @@ checkpointing so that wrapper segments appear in the parameter names; its log-pr
 `engine.losses.linear_policy_loss` on packed batches, as in `RLTrainer._logprobs`.
 """
 
+import logging
 import os
 from functools import partial
 
@@ -40,13 +41,14 @@ def setup(tmp_path_factory, tok):
     model_dir = tmp_path_factory.mktemp("tiny")
     hf = build_model(config=TINY, dtype=torch.float32, seed=0)
     hf.save_pretrained(model_dir)
+    threads = torch.get_num_threads()
     rollout = VLLMRollout(model_dir, tok, RolloutConfig(backend="vllm", bucket_mib=1), dtype="float32",
                           max_model_len=512, seed=0)
     info = init_distributed("cpu")
     policy = PackedCausalLM(build_model(config=TINY, dtype=torch.float32, seed=0))
     apply_fsdp(policy, policy.layers, param_dtype=torch.float32, device=info.device, activation_checkpointing=True)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
-    state = {"version": 0}
+    state = {"version": 0, "threads_before_start": threads}
     yield policy, optimizer, rollout, state
     rollout.close()  # before our teardown: vLLM's shuts down the process group it shares
     destroy_distributed()
@@ -101,6 +103,25 @@ def train_step(policy, optimizer, outputs):
 def sync(rollout, policy, state):
     state["version"] += 1
     rollout.sync_weights(policy, state["version"])
+
+
+def test_trainer_threads_survive_engine_start_and_known_noise_is_filtered(setup):
+    """vLLM's CPU worker stubs torch.set_num_threads for the whole process; the rollout puts the function and the
+    trainer's count back. The known-harmless messages are filtered on vLLM's own loggers (test_rollout_vllm_log.py)."""
+    _, _, rollout, state = setup
+    threads = state["threads_before_start"]
+    assert torch.get_num_threads() == threads
+    other = 1 if threads > 1 else 2
+    torch.set_num_threads(other)
+    try:
+        assert torch.get_num_threads() == other  # the real function again, not vLLM's stub
+    finally:
+        torch.set_num_threads(threads)
+    layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    tied = layerwise.makeRecord(layerwise.name, logging.WARNING, __file__, 1, "%s: Failed to load weights",
+                                ("ParallelLMHead",), None)
+    assert rollout.tied and not layerwise.filter(tied)  # the tiny model ties its head
+    assert logging.getLogger("vllm.renderers.base").filters
 
 
 def test_logprobs_match_trainer_and_finish_reasons(setup, prompts):

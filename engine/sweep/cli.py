@@ -49,8 +49,11 @@ def register(subparsers) -> None:
     w.add_argument("--no-report", action="store_true", help="do not write the report when everything is done")
     s = p.add_argument_group("--slurm")
     s.add_argument("--workers", type=int, default=4, help="array size: workers started at once (default 4)")
-    s.add_argument("--gpus-per-worker", type=int, default=8, help="GPUs (and item processes) per worker")
-    s.add_argument("--cpus-per-worker", type=int, default=32)
+    s.add_argument("--gpus-per-worker", type=int, default=None,
+                   help="GPUs (and item processes) per worker (default: none for run.device=cpu, 8 for cuda; "
+                        "auto: what this host has)")
+    s.add_argument("--cpus-per-worker", type=int, default=32,
+                   help="CPUs per worker (--cpus-per-task); its item processes use that many threads")
     s.add_argument("--time", default="24:00:00", help="time limit per worker (Slurm format)")
     s.add_argument("--partition")
     s.add_argument("--account")
@@ -81,12 +84,15 @@ def main(args: argparse.Namespace) -> int:
             if args.record is not None and _is_main_rank():
                 write_json_atomic(args.record, record)
         elif args.slurm:
-            from engine.sweep.slurm import SlurmSpec, write_sbatch
+            from engine.sweep.slurm import SlurmSpec, gpus_for_device, write_sbatch
 
             sweep.check_config()
+            gpus, note = gpus_for_device(job.run.device, args.gpus_per_worker)
+            if note:
+                print(f"note: {note}")
             path = write_sbatch(SlurmSpec(
                 run_dir=sweep.root, config=sweep.root / "config.yaml", workers=args.workers,
-                gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, time=args.time,
+                gpus_per_worker=gpus, cpus_per_worker=args.cpus_per_worker, time=args.time,
                 partition=args.partition, account=args.account, extra=args.sbatch_args, workdir=Path.cwd(),
                 python=sys.executable, stale_after=args.stale_after, heartbeat=args.heartbeat, poll=args.poll))
             print(f"wrote {path}\nsubmit: sbatch {path}")
@@ -121,7 +127,7 @@ def _work(sweep: Sweep, args: argparse.Namespace) -> int:
     def command(item: Item, record: Path) -> list[str]:
         return item_command(item.name, config, record, args.nproc_per_node, args.launcher)
 
-    runner = LaunchedItem(sweep.rundir, command)
+    runner = LaunchedItem(sweep.rundir, command, procs=args.nproc_per_node)
     worker = sweep.worker(runner, heartbeat=args.heartbeat, poll=args.poll, retry_failed=args.retry_failed)
     runner.attach(worker)
     result = worker.run()

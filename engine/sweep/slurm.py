@@ -1,6 +1,7 @@
 """`ceiling sweep CONFIG --slurm`: an sbatch array script whose tasks are sweep workers.
 
     ceiling sweep configs/sweep-tiny.yaml --slurm --workers 8 --gpus-per-worker 8 --partition gpu
+    ceiling sweep configs/sweep-tiny.yaml --slurm --workers 2 --cpus-per-worker 1 --set run.device=cpu
     sbatch runs/sweep-tiny/sweep.sbatch
 
 Each array task is one node (or GPU group) running `ceiling sweep <run>/config.yaml --worker`: it claims
@@ -9,6 +10,10 @@ items through the lock files of the shared run directory (engine/sweep/worker.py
 which item runs where is decided by the workers. A task that dies (node failure, preemption, time limit)
 leaves a lock that goes stale after `--stale-after` seconds; another task takes the item over and resumes it
 from its checkpoints. Resubmitting the same script later continues the sweep.
+
+GPUs per worker follow the sweep's `run.device` (`gpus_for_device`): a CPU sweep asks for none (no --gpus line,
+so a CPU-only cluster can schedule it); a CUDA sweep takes `--gpus-per-worker`, 8 when not given. Each worker's
+item processes use the CPUs Slurm gave it (`--cpus-per-task`; engine/sweep/worker.py `worker_cpus`).
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ class SlurmSpec:
     """The Python interpreter of the environment with ceiling-engine installed."""
     workers: int = 4
     """Array size: how many workers may run at once."""
-    gpus_per_worker: int = 8
-    """GPUs per worker; an item runs as `torchrun --nproc-per-node` this many (1: a plain process)."""
+    gpus_per_worker: int = 0
+    """GPUs per worker (0: none, no --gpus line); an item runs as `torchrun --nproc-per-node` this many
+    (0 or 1: a plain process). `gpus_for_device` picks it from the run's device."""
     cpus_per_worker: int = 32
     """CPU cores per worker."""
     time: str = "24:00:00"
@@ -64,6 +70,34 @@ class SlurmSpec:
         return [self.python, "-m", "engine.cli", "sweep", str(self.config), "--worker",
                 f"--nproc-per-node={max(1, self.gpus_per_worker)}", f"--stale-after={self.stale_after:g}",
                 f"--heartbeat={self.heartbeat:g}", f"--poll={self.poll:g}"]
+
+
+DEFAULT_GPUS = 8  # a CUDA sweep without --gpus-per-worker: one 8-GPU node per worker
+
+
+def gpus_for_device(device: str, requested: int | None) -> tuple[int, str | None]:
+    """GPUs per worker for a sweep whose `run.device` is `device`, and a note for the user, or None.
+
+    The user's `requested` count wins. Otherwise cpu: none; cuda/npu: DEFAULT_GPUS; auto: what this host has
+    (engine/distributed.py `detect_device_type`), which on a login node without GPUs means none."""
+    if device == "auto":
+        from engine.distributed import detect_device_type
+
+        found = detect_device_type("auto")
+        if requested is None:
+            gpus = 0 if found == "cpu" else DEFAULT_GPUS
+            return gpus, (f"run.device=auto found {found} on this host: {gpus} GPUs per worker; pass "
+                          "--gpus-per-worker or set run.device if the compute nodes differ")
+        return requested, None
+    if requested is None:
+        if device == "cpu":
+            return 0, None
+        return DEFAULT_GPUS, (f"run.device={device}: {DEFAULT_GPUS} GPUs per worker (pass --gpus-per-worker "
+                              "to change)")
+    if device == "cpu" and requested:
+        return requested, (f"run.device=cpu: the items will not use the {requested} GPUs per worker asked for "
+                           "(leave --gpus-per-worker out to ask for none)")
+    return requested, None
 
 
 def sbatch_script(spec: SlurmSpec) -> str:

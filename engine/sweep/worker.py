@@ -29,6 +29,9 @@ job) gets the lock's path and token and the worker's pid in its environment and 
 which ends it at once when its worker is gone or the lock was taken over, so an orphaned item never keeps
 writing next to its new owner; the worker kills the child's process group when it loses the lock. Running an
 item is at-least-once (a taken-over item resumes from its checkpoints); publishing it is exactly-once.
+The child's thread pools (OMP_NUM_THREADS, which torch's intra-op pool follows) are sized to the CPUs this
+worker was given (`worker_cpus`: Slurm's --cpus-per-task, the CPU affinity) split over the item's processes,
+so N workers on one node do not each run a pool as wide as the node.
 
 Cluster clocks are assumed synchronised (NTP) to well below `stale_after`: heartbeats written on one host
 are judged on another. Paths: item names use '/', e.g. "n200/rl/150" -> items/n200/rl/150.done.json.
@@ -304,15 +307,35 @@ class Worker:
 # ---------------------------------------------------------------- items as child processes
 
 LOCK_ENV, TOKEN_ENV, WORKER_ENV = "CEILING_SWEEP_LOCK", "CEILING_SWEEP_TOKEN", "CEILING_SWEEP_WORKER"
+THREAD_ENVS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def worker_cpus() -> int:
+    """CPUs this worker may use: its CPU affinity, capped by Slurm's --cpus-per-task. Slurm without a task
+    plugin that binds (task/none) leaves the affinity at the whole node, so the count it granted is the cap."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    granted = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if granted.isdigit() and int(granted) > 0:
+        cpus = min(cpus, int(granted))
+    return max(1, cpus)
+
+
+def thread_env(procs: int = 1) -> dict[str, str]:
+    """Thread counts for an item of `procs` processes sharing this worker's CPUs; a value the user exported
+    is kept."""
+    threads = str(max(1, worker_cpus() // max(1, procs)))
+    return {var: threads for var in THREAD_ENVS if var not in os.environ}
 
 
 class LaunchedItem:
     """Runs each item as a child process (`command(item, record_path) -> argv`, e.g. a torchrun job) and
     returns the record it wrote. The child gets the lock's path and token and the worker's pid in its
-    environment (`start_lock_watchdog`); the worker kills the child's process group when it loses the lock."""
+    environment (`start_lock_watchdog`); the worker kills the child's process group when it loses the lock.
+    `procs`: processes an item's command starts (torchrun's --nproc-per-node); they share `worker_cpus()`."""
 
-    def __init__(self, rundir: RunDir, command: Callable[[Item, Path], list[str]], kill_grace: float = 10.0):
-        self.rundir, self.command, self.kill_grace = rundir, command, kill_grace
+    def __init__(self, rundir: RunDir, command: Callable[[Item, Path], list[str]], kill_grace: float = 10.0,
+                 procs: int = 1):
+        self.rundir, self.command, self.kill_grace, self.procs = rundir, command, kill_grace, procs
         self._proc: subprocess.Popen | None = None
 
     def attach(self, worker: Worker) -> None:
@@ -337,9 +360,9 @@ class LaunchedItem:
         record = self.rundir.root / "items" / f"{item.name}.{lock.token}.record.json"
         record.parent.mkdir(parents=True, exist_ok=True)
         argv = self.command(item, record)
-        env = os.environ | {LOCK_ENV: str(lock.path), TOKEN_ENV: lock.token,
-                            WORKER_ENV: f"{os.getpid()}:{pid_start(os.getpid())}"}
-        log.info("sweep: %s: %s", item.name, " ".join(argv))
+        env = os.environ | thread_env(self.procs) | {LOCK_ENV: str(lock.path), TOKEN_ENV: lock.token,
+                                                     WORKER_ENV: f"{os.getpid()}:{pid_start(os.getpid())}"}
+        log.info("sweep: %s: %s (OMP_NUM_THREADS=%s)", item.name, " ".join(argv), env.get("OMP_NUM_THREADS"))
         self._proc = subprocess.Popen(argv, env=env, start_new_session=True)  # its own group: killed as one
         try:
             rc = self._proc.wait()
