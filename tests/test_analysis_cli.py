@@ -91,7 +91,7 @@ def test_retu_general_branch(tmp_path, capsys):
 def test_early_stop_writes_table_and_figure(tmp_path, capsys):
     data = write(tmp_path, mini_scene())
     out = tmp_path / "es"
-    assert run(["fit", str(data), "--early-stop", "--patience", "2", "--out", str(out), "--json",
+    assert run(["fit", str(data), "--early-stop", "--per-branch", "--patience", "2", "--out", str(out), "--json",
                 str(tmp_path / "es.json")]) == 0
     assert "| SFT step | points used/total |" in capsys.readouterr().out
     for name in ("early_stop.md", "early_stop.json", "early_stop.png"):

@@ -212,9 +212,9 @@ def run(argv):
     return args.func(args)
 
 
-def test_cli_early_stop_on_a_real_scene(tmp_path, capsys):
+def test_cli_per_branch_early_stop_on_a_real_scene(tmp_path, capsys):
     out = tmp_path / "es"
-    assert run(["fit", str(RETU / "general.json"), "--early-stop", "--out", str(out)]) == 0
+    assert run(["fit", str(RETU / "general.json"), "--early-stop", "--per-branch", "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
     assert "| SFT step | points used/total | EFLOPs used/total | compute saved |" in stdout
     assert "branches early" in stdout and "Best branch: early-stopped sweep picks SFT step" in stdout
@@ -235,9 +235,9 @@ def test_cli_early_stop_rejects_bad_options(tmp_path):
     data = tmp_path / "mini.json"
     data.write_text(json.dumps({"benchmarks": {"a": 1}, "sft": [pt | {"exaflops": 0.0}], "rl": {"0": rl}}))
     with pytest.raises(CeilingError, match="--tol"):
-        run(["fit", str(data), "--early-stop", "--tol", "-1", "--out", str(tmp_path / "o")])
+        run(["fit", str(data), "--early-stop", "--per-branch", "--tol", "-1", "--out", str(tmp_path / "o")])
     with pytest.raises(CeilingError, match="--train-start and --train-points do not apply"):
-        run(["fit", str(data), "--early-stop", "--train-points", "5", "--out", str(tmp_path / "o")])
+        run(["fit", str(data), "--early-stop", "--per-branch", "--train-points", "5", "--out", str(tmp_path / "o")])
 
 
 def test_live_rule_waits_for_the_compute_floor():

@@ -3,19 +3,25 @@
     ceiling fit DATA.json --branch STEP [--train-start S] [--train-points K] [--outlier-threshold T]
                           [--lts-alpha A] [--free-c0] [--json OUT] [--out DIR]
     ceiling fit DATA.json --all [--out DIR] [same fit options] [--json OUT]
-    ceiling fit DATA.json --early-stop [--tol T] [--patience K] [--min-points M] [--min-fraction F] [--span S]
+    ceiling fit DATA.json --early-stop [--k K] [--min-se S] [--margin M] [--race-min-fraction F] [--slices N]
+                          [--per-branch] [--tol T] [--patience K] [--min-points M] [--min-fraction F] [--span S]
                           [--out DIR] [--outlier-threshold T] [--lts-alpha A] [--free-c0] [--json OUT]
 
 --branch prints a one-line summary (warnings go to stderr) and, with --json, writes the result object
 (P_sft, PL_rl, A_post, C_mid, B, C0, r2_train, rmse_val, r2_val, n_train, n_val, n_outliers, ...);
 with --out it also draws branch.png. --all prints the Table-4-like table and writes table.md/.csv/.json,
 branches.png and a_post.png under --out (default: fit-<scene>). Exit status 0, or 1 when some branch of
---all could not be fitted. --early-stop replays every branch through `early_stop.OnlineCeilingMonitor`
-(refit after each evaluation, stop once the last K predicted A_post agree within T points and at least F
-of the branch's compute is spent), prints the table (points and EFLOPs used, compute saved, A_post at the
-stop vs. the full fit, |error|) and the branch a user would pick against the full sweep's best, and writes
-early_stop.md/.json and early_stop.png under --out (default: fit-<scene>); exit 1 when some branch's full
-fit failed. Bad input raises `CeilingError` (the main CLI prints it and exits 2).
+--all could not be fitted. --early-stop replays the scene as a sweep running its branches side by side
+(`race_replay.replay_race`: N slices of compute, the comparing rule `race.decide` after each: a branch whose
+optimistic ceiling A_post + K max(SE, S) falls below the leader's pessimistic one, plus M, once it has run F
+of its plan, stops; the rest run until the per-branch rule settles them), prints per branch the compute
+used and why it ended, and per scene the branch picked, its gap to the full sweep's best and the compute
+saved, and writes early_stop.md/.json under --out (default: fit-<scene>). --per-branch replays every branch
+alone through `early_stop.OnlineCeilingMonitor` instead (stop once the last K predicted A_post agree within
+T points and at least F of the branch's compute is spent) and also draws early_stop.png. The per-branch
+flags set the per-branch rule in both modes (its floor F defaults to 0.65 under the comparing rule, 0.55
+alone). Exit 1 when some branch's full fit failed. Bad input raises `CeilingError` (the main CLI prints it
+and exits 2).
 
 Without the main CLI: `python -m engine.analysis.cli fit DATA.json --all`.
 """
@@ -30,6 +36,8 @@ from pathlib import Path
 from engine.analysis.data import load_scene
 from engine.analysis.early_stop import EarlyStopConfig, decide, replay_scene
 from engine.analysis.fit import FitConfig, FitResult, fit_branch, fit_scene
+from engine.analysis.race import RaceConfig
+from engine.analysis.race_replay import race_markdown, replay_race
 from engine.analysis.report import (
     Row,
     early_stop_markdown,
@@ -53,19 +61,33 @@ def register(subparsers) -> argparse.ArgumentParser:
     which.add_argument("--branch", type=int, metavar="STEP", help="SFT step of the branch (0: pure RL)")
     which.add_argument("--all", action="store_true", help="fit every branch and write the table and figures")
     which.add_argument("--early-stop", action="store_true",
-                       help="replay every branch, refitting after each evaluation, and report when it could "
-                            "have stopped (compute saved, A_post error)")
-    stop = EarlyStopConfig()
+                       help="replay the scene's branches side by side under the comparing rule and report "
+                            "the compute each used, why it stopped, the branch picked and the compute saved")
+    race, stop = RaceConfig(), EarlyStopConfig()
+    p.add_argument("--per-branch", action="store_true",
+                   help="--early-stop: replay each branch alone under the per-branch rule instead")
+    p.add_argument("--k", type=float, default=race.k, metavar="K",
+                   help=f"--early-stop: standard errors on each side of A_post (default {race.k:g})")
+    p.add_argument("--min-se", type=float, default=race.min_se, metavar="S",
+                   help=f"--early-stop: floor on the SE in the bounds, points (default {race.min_se:g})")
+    p.add_argument("--margin", type=float, default=race.margin, metavar="M",
+                   help=f"--early-stop: points added to the leader's lower bound (default {race.margin:g})")
+    p.add_argument("--race-min-fraction", type=float, default=race.min_fraction, metavar="F",
+                   help="--early-stop: no stop by the comparison before this fraction of a branch's plan "
+                        f"(default {race.min_fraction:g})")
+    p.add_argument("--slices", type=int, default=20, metavar="N",
+                   help="--early-stop: decision points, equal steps of compute up to the longest plan (default 20)")
     p.add_argument("--tol", type=float, default=stop.tol, metavar="T",
-                   help=f"--early-stop: largest spread of the last K predicted A_post (points, default {stop.tol})")
+                   help=f"per-branch rule: largest spread of the last K predicted A_post (points, default {stop.tol})")
     p.add_argument("--patience", type=int, default=stop.patience, metavar="K",
-                   help=f"--early-stop: consecutive refits that must agree (default {stop.patience})")
+                   help=f"per-branch rule: consecutive refits that must agree (default {stop.patience})")
     p.add_argument("--min-points", type=int, default=stop.min_points, metavar="M",
-                   help=f"--early-stop: points, anchor included, before the first refit (default {stop.min_points})")
-    p.add_argument("--min-fraction", type=float, default=stop.min_fraction, metavar="F",
-                   help=f"--early-stop: no stop before this fraction of the branch's compute (default {stop.min_fraction})")
+                   help=f"per-branch rule: points, anchor included, before the first refit (default {stop.min_points})")
+    p.add_argument("--min-fraction", type=float, default=None, metavar="F",
+                   help="per-branch rule: no stop before this fraction of the branch's compute (default "
+                        f"{race.per_branch.min_fraction:g} under the comparing rule, {stop.min_fraction:g} with --per-branch)")
     p.add_argument("--span", type=float, default=stop.span, metavar="S",
-                   help="--early-stop: the refits within the last S of the compute seen must agree too "
+                   help="per-branch rule: the refits within the last S of the compute seen must agree too "
                         f"(default {stop.span})")
     p.add_argument("--train-start", type=int, default=0, metavar="S", help="first train point index (default 0)")
     p.add_argument("--train-points", type=int, default=None, metavar="K",
@@ -146,8 +168,13 @@ def _main_early_stop(args, scene, config: FitConfig) -> int:
     if args.train_start != 0 or args.train_points is not None:
         raise CeilingError("--early-stop fits all the points seen so far: --train-start and --train-points "
                            "do not apply (the full-branch reference uses the default split)")
+    floor = args.min_fraction
+    if floor is None:
+        floor = EarlyStopConfig().min_fraction if args.per_branch else RaceConfig().per_branch.min_fraction
     stop = EarlyStopConfig(tol=args.tol, patience=args.patience, min_points=args.min_points,
-                           min_fraction=args.min_fraction, span=args.span)
+                           min_fraction=floor, span=args.span)
+    if not args.per_branch:
+        return _main_race(args, scene, config, stop)
     results = replay_scene(scene, stop, config)
     title = (f"{scene.name}: early stop (tol {stop.tol:g}, patience {stop.patience}, min points "
              f"{stop.min_points}, min fraction {stop.min_fraction:g}, span {stop.span:g}; "
@@ -164,6 +191,30 @@ def _main_early_stop(args, scene, config: FitConfig) -> int:
         _write_json(args.json, [r.to_dict() for r in results])
     print("wrote " + ", ".join(str(p) for p in [*paths.values(), fig]))
     return 1 if any(r.reference is None for r in results) else 0
+
+
+def _main_race(args, scene, config: FitConfig, stop: EarlyStopConfig) -> int:
+    race = RaceConfig(k=args.k, min_se=args.min_se, margin=args.margin, min_fraction=args.race_min_fraction,
+                      per_branch=stop, fit=config)
+    res = replay_race(scene, race, slices=args.slices)
+    title = (f"{scene.name}: branches side by side in {args.slices} slices (k {race.k:g}, min SE {race.min_se:g}, "
+             f"margin {race.margin:g}, min fraction {race.min_fraction:g}; per-branch tol {stop.tol:g}, patience "
+             f"{stop.patience}, min fraction {stop.min_fraction:g}; "
+             f"{'LTS alpha=' + str(config.lts_alpha) if config.lts_alpha else 'plain'} fits)")
+    text = race_markdown(res, title)
+    out = args.out or Path(f"fit-{scene.name}")
+    paths = [out / "early_stop.md", out / "early_stop.json"]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        paths[0].write_text(text)
+    except OSError as e:
+        raise CeilingError(f"{out}: cannot write: {e.strerror or e}") from None
+    _write_json(paths[1], res.to_dict())
+    print(text, end="")
+    if args.json:
+        _write_json(args.json, res.to_dict())
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 1 if any(r.a_post_full is None for r in res.rows) else 0
 
 
 def _standalone(argv: list[str] | None = None) -> int:

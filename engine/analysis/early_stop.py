@@ -32,8 +32,11 @@ rule can and cannot reach (benchmarks/RESULTS.md).
     res.points_used, res.saved, res.a_post_stop, res.error
     decide(replay_scene(scene)).ok                     # the same best branch as the full sweep?
 
-CLI: `ceiling fit DATA.json --early-stop [--tol T] [--patience K] [--min-points M] [--min-fraction F]
-[--span S] [--out DIR]`.
+This rule sees one branch at a time; `race.decide` compares the branches of a scene and takes it as its
+per-branch input (`refit` and `stable_at` are shared).
+
+CLI: `ceiling fit DATA.json --early-stop --per-branch [--tol T] [--patience K] [--min-points M]
+[--min-fraction F] [--span S] [--out DIR]` (without --per-branch: the comparing rule, `race_replay`).
 """
 
 from __future__ import annotations
@@ -113,6 +116,21 @@ def stable_at(refits: list[Refit], i: int, config: EarlyStopConfig) -> bool:
     return max(values) - min(values) <= config.tol
 
 
+def refit(points, p_sft: float, min_points: int, fit_config: FitConfig) -> tuple[FitResult | None, str]:
+    """The monitor's refit: every point seen so far is a train point. Returns the fit, or None and why not
+    (too few points, the fit failed, the ceiling is not identified)."""
+    n = len(points)
+    if n < min_points:
+        return None, f"too few points ({n} < {min_points})"
+    try:
+        fit = fit_points(points, p_sft, replace(fit_config, train_start=0, train_points=n))
+    except FitError as e:
+        return None, f"fit failed: {e}"
+    if not identified(fit):
+        return None, f"ceiling not identified (C_mid = {fit.C_mid:.3g})"
+    return fit, ""
+
+
 class OnlineCeilingMonitor:
     """Refits the ceiling after each evaluation of a live branch and says when to stop.
 
@@ -153,17 +171,8 @@ class OnlineCeilingMonitor:
         return self.should_stop
 
     def _refit(self, progress: float | None) -> Refit:
-        n = len(self.points)
-        index, x = n - 1, self.points[-1][0]
-        if n < self.config.min_points:
-            return Refit(index, x, None, f"too few points ({n} < {self.config.min_points})", progress)
-        try:
-            fit = fit_points(self.points, self.p_sft, replace(self.fit_config, train_start=0, train_points=n))
-        except FitError as e:
-            return Refit(index, x, None, f"fit failed: {e}", progress)
-        if not identified(fit):
-            return Refit(index, x, None, f"ceiling not identified (C_mid = {fit.C_mid:.3g})", progress)
-        return Refit(index, x, fit.A_post, "", progress)
+        fit, note = refit(self.points, self.p_sft, self.config.min_points, self.fit_config)
+        return Refit(len(self.points) - 1, self.points[-1][0], None if fit is None else fit.A_post, note, progress)
 
     def _refit_at(self, index: int) -> Refit:
         return next(r for r in self.refits if r.index == index)
