@@ -85,12 +85,12 @@ class SweepConfig:
     leader and its contenders run on until their ceiling settles or their plan ends (engine/sweep/race.py)."""
     race_slices: int = 5
     """compare: the slices the RL plan (`rl.steps`) is cut into; each ends on an evaluation."""
-    race_k: float = 2.0
-    """compare: standard errors on each side of A_post that make a branch's bounds."""
-    race_margin: float = 0.0
-    """compare: points added to the leader's lower bound (> 0 also stops branches that could win by less)."""
-    race_min_points: int = 6
-    """compare: evaluations (the start included) before a branch's fit can bound it."""
+    race_k: float | None = None
+    """compare (None: the rule's tuned default, engine/analysis/race.py RaceConfig): standard errors on each side of A_post that make a branch's bounds."""
+    race_margin: float | None = None
+    """compare (None: the tuned default): points added to the leader's lower bound (> 0 also stops branches that could win by less)."""
+    race_min_points: int | None = None
+    """compare (None: the tuned default): evaluations (the start included) before a branch's fit can bound it."""
     tol: float = 0.5
     """Early stop: A_post must move less than `tol` points ..."""
     patience: int = 3
@@ -105,7 +105,7 @@ class SweepConfig:
     def __post_init__(self):
         if isinstance(self.early_stop, bool):  # the older spelling: true meant the per-branch rule
             self.early_stop = "branch" if self.early_stop else "off"
-        if self.race_slices < 1 or self.race_k < 0 or self.race_min_points < 5:
+        if self.race_slices < 1 or (self.race_k or 0) < 0 or (self.race_min_points or 5) < 5:
             raise ValueError("sweep: need race_slices >= 1, race_k >= 0 and race_min_points >= 5 (a fit has 3 parameters)")
         if self.branches < 1 or self.eval_samples < 1:
             raise ValueError("sweep.branches and sweep.eval_samples must be >= 1")

@@ -17,6 +17,7 @@ from its checkpoint (`RLTrainer.fit(pause_at=...)`); a branch that settled or ra
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from engine.analysis.early_stop import EarlyStopConfig
 from engine.analysis.race import CONTINUE, RaceConfig, decide, pick
@@ -27,8 +28,8 @@ def race_config(sweep) -> RaceConfig:
     """The rule from the `sweep:` section; its per-branch part is the sweep's own (tol, patience, ...)."""
     per_branch = EarlyStopConfig(tol=sweep.tol, patience=sweep.patience, min_points=sweep.min_points,
                                  min_fraction=sweep.min_fraction)
-    return RaceConfig(k=sweep.race_k, margin=sweep.race_margin, min_points=sweep.race_min_points,
-                      per_branch=per_branch)
+    given = {"k": sweep.race_k, "margin": sweep.race_margin, "min_points": sweep.race_min_points}
+    return replace(RaceConfig(), per_branch=per_branch, **{k: v for k, v in given.items() if v is not None})
 
 
 def slice_steps(steps: int, eval_every: int, slices: int) -> int:
