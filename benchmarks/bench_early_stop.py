@@ -35,6 +35,7 @@ import itertools
 import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -238,19 +239,31 @@ def noisy(scene, sigma: float, rng) -> object:
     return dataclasses.replace(scene, branches=branches)
 
 
-def noise_runs(scenes: dict, refs: dict, sigma: float, seeds: int, rule) -> dict:
+def noise_runs(scenes: dict, refs: dict, sigma: float, seeds: int, rule: tuple, jobs: int = 1) -> dict:
     """Per scene, over `seeds` noisy copies: the share picked right (vs the noiseless full fits), the mean
-    compute saved. `rule(noisy_scene, refs) -> (picked step, saved)`."""
+    compute saved. `rule`: ("race", RaceConfig) | ("per-branch", None) | ("full", None); `jobs` processes."""
+    tasks = [(name, i, seed) for i, name in enumerate(scenes) for seed in range(seeds)]
+    args = [(scenes[name], refs[name], sigma, (seed, i), rule) for name, i, seed in tasks]
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            results = list(pool.map(_noise_one, args, chunksize=4))
+    else:
+        results = [_noise_one(a) for a in args]
     out = {}
-    for i, (name, scene) in enumerate(scenes.items()):
+    for name in scenes:
         best = max(v for v in refs[name].values() if v is not None)
-        right, saved = [], []
-        for seed in range(seeds):
-            picked, sv = rule(noisy(scene, sigma, np.random.default_rng([seed, i])), refs[name])
-            right.append(picked is not None and refs[name].get(picked) is not None and refs[name][picked] >= best - 1)
-            saved.append(sv)
-        out[name] = (float(np.mean(right)), float(np.mean(saved)))
+        mine = [(picked, sv) for (n, _, _), (picked, sv) in zip(tasks, results) if n == name]
+        right = [p is not None and refs[name].get(p) is not None and refs[name][p] >= best - 1 for p, _ in mine]
+        out[name] = (float(np.mean(right)), float(np.mean([sv for _, sv in mine])))
     return out
+
+
+def _noise_one(a) -> tuple[int | None, float]:
+    scene, ref, sigma, key, (kind, cfg) = a
+    noisy_scene = noisy(scene, sigma, np.random.default_rng(list(key)))
+    if kind == "race":
+        return _pick_saved(replay_race(noisy_scene, cfg, reference=ref))
+    return (_per_branch_rule if kind == "per-branch" else _full_sweep)(noisy_scene, ref)
 
 
 def _per_branch_rule(scene, ref):
@@ -268,7 +281,8 @@ def _full_sweep(scene, ref):
     return (max(est, key=est.get) if est else None), 0.0
 
 
-def race_sections(scenes: dict, sigma: float, seeds: int, seeds_compare: int) -> list[str]:
+def race_sections(scenes: dict, sigma: float, seeds: int, seeds_compare: int, grid_rules: bool = True,
+                  jobs: int = 1) -> list[str]:
     refs = {}
     for name, scene in scenes.items():
         refs[name] = {}
@@ -296,6 +310,36 @@ def race_sections(scenes: dict, sigma: float, seeds: int, seeds_compare: int) ->
                     + f"\n\nAll scenes picked right: {'yes' if ok else 'no'}; RL compute saved over all scenes: "
                     f"{100 * saved:.1f}%.")
 
+    if grid_rules:
+        sections += grid_sections(scenes, refs)
+    t = time.time()
+    rows = {f"comparing rule, default ({seeds} seeds)": noise_runs(scenes, refs, sigma, seeds, ("race", default), jobs)}
+    if grid_rules:
+        grid = {cfg: race_all(scenes, cfg, refs) for cfg in RACE_GRID}  # cached fits: cheap the second time
+        fast = max((c for c in RACE_GRID if race_score(grid[c], SCENES)[0]),
+                   key=lambda c: race_score(grid[c], SCENES)[1])
+        rows[f"comparing rule, most saving noiseless 5/5 rule ({_rule(fast)}; {seeds_compare} seeds)"] = noise_runs(
+            scenes, refs, sigma, seeds_compare, ("race", fast), jobs)
+    if seeds_compare:
+        rows[f"per-branch rule, default ({seeds_compare} seeds)"] = noise_runs(
+            scenes, refs, sigma, seeds_compare, ("per-branch", None), jobs)
+        rows[f"full sweep, every branch fitted to its end ({seeds_compare} seeds)"] = noise_runs(
+            scenes, refs, sigma, seeds_compare, ("full", None), jobs)
+    lines = ["| rule | " + " | ".join(SCENES) + " | all scenes |", "| --- |" + " ---: |" * (len(SCENES) + 1)]
+    for label, r in rows.items():
+        planned = {s: sum(float(b.x[-1]) for b in scenes[s].branches.values()) for s in SCENES}
+        total = sum(planned[s] * r[s][1] for s in SCENES) / sum(planned.values())
+        lines.append(f"| {label} | " + " | ".join(f"{100 * r[s][0]:.0f}% ({100 * r[s][1]:.0f}%)" for s in SCENES)
+                     + f" | {100 * np.mean([r[s][0] for s in SCENES]):.0f}% ({100 * total:.1f}%) |")
+    sections.append(f"Noise: every evaluation plus N(0, {sigma:g}^2) points; picked right in % of the replays "
+                    f"(mean RL compute saved) against the noiseless full fits ({time.time() - t:.0f} s):\n\n"
+                    + "\n".join(lines))
+    return sections
+
+
+def grid_sections(scenes: dict, refs: dict) -> list[str]:
+    """Leave-one-scene-out over RACE_GRID on the noiseless curves, and the bound on what any rule can save."""
+    sections = []
     grid = {cfg: race_all(scenes, cfg, refs) for cfg in RACE_GRID}
     lines = ["| held-out scene | chosen on the other four | other four: all right, saved | held-out: picked right | "
              "held-out: RL saved |", "| --- | --- | --- | --- | ---: |"]
@@ -337,25 +381,6 @@ def race_sections(scenes: dict, sigma: float, seeds: int, seeds_compare: int) ->
                     "hard102K), so even a rule told that moment, which stopped every other branch there and the "
                     "right one at 55% of its plan, would save about half the compute:\n\n" + "\n".join(lines))
 
-    t = time.time()
-    fast = max((c for c in RACE_GRID if race_score(grid[c], SCENES)[0]), key=lambda c: race_score(grid[c], SCENES)[1])
-    rows = {f"comparing rule, default ({seeds} seeds)": noise_runs(
-                scenes, refs, sigma, seeds, lambda sc, ref: _pick_saved(replay_race(sc, default, reference=ref))),
-            f"comparing rule, most saving noiseless 5/5 rule ({_rule(fast)}; {seeds_compare} seeds)": noise_runs(
-                scenes, refs, sigma, seeds_compare, lambda sc, ref: _pick_saved(replay_race(sc, fast, reference=ref))),
-            f"per-branch rule, default ({seeds_compare} seeds)": noise_runs(scenes, refs, sigma, seeds_compare,
-                                                                          _per_branch_rule),
-            f"full sweep, every branch fitted to its end ({seeds_compare} seeds)": noise_runs(
-                scenes, refs, sigma, seeds_compare, _full_sweep)}
-    lines = ["| rule | " + " | ".join(SCENES) + " | all scenes |", "| --- |" + " ---: |" * (len(SCENES) + 1)]
-    for label, r in rows.items():
-        planned = {s: sum(float(b.x[-1]) for b in scenes[s].branches.values()) for s in SCENES}
-        total = sum(planned[s] * r[s][1] for s in SCENES) / sum(planned.values())
-        lines.append(f"| {label} | " + " | ".join(f"{100 * r[s][0]:.0f}% ({100 * r[s][1]:.0f}%)" for s in SCENES)
-                     + f" | {100 * np.mean([r[s][0] for s in SCENES]):.0f}% ({100 * total:.1f}%) |")
-    sections.append(f"Noise: every evaluation plus N(0, {sigma:g}^2) points; picked right in % of the replays "
-                    f"(mean RL compute saved) against the noiseless full fits ({time.time() - t:.0f} s):\n\n"
-                    + "\n".join(lines))
     return sections
 
 
@@ -371,6 +396,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=50, help="noisy replays per scene of the default rule (default 50)")
     ap.add_argument("--seeds-compare", type=int, default=20,
                     help="noisy replays per scene of the other rules in the noise table (default 20)")
+    ap.add_argument("--no-grid", action="store_true",
+                    help="skip the leave-one-scene-out grid of the comparing rule (most of the run time)")
+    ap.add_argument("--jobs", type=int, default=1, help="processes for the noisy replays (default 1)")
     ap.add_argument("--append", action="store_true", help="append the tables to benchmarks/RESULTS.md")
     args = ap.parse_args()
     t0 = time.time()
@@ -379,7 +407,7 @@ def main() -> None:
     if args.only in ("all", "per-branch"):
         sections += per_branch_sections(scenes)
     if args.only in ("all", "race"):
-        sections += race_sections(scenes, args.sigma, args.seeds, args.seeds_compare)
+        sections += race_sections(scenes, args.sigma, args.seeds, args.seeds_compare, not args.no_grid, args.jobs)
     elapsed = time.time() - t0
     text = "\n\n".join(sections)
     print(text)

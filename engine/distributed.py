@@ -139,10 +139,19 @@ def selective_op_context():
     return create_selective_checkpoint_contexts(policy)
 
 
+def fsdp_needed(param_dtype: torch.dtype) -> bool:
+    """FSDP2 has work to do: more than one rank to shard over, or a compute dtype to cast the fp32 parameters to.
+    On one rank in fp32 it would only add per-parameter all-gather copies and hooks to every forward and
+    backward (268 aten ops per micro-batch on the tiny model, benchmarks/RESULTS.md), so the model stays plain."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return world > 1 or param_dtype != torch.float32
+
+
 def apply_fsdp(model: nn.Module, layers: nn.ModuleList, *, param_dtype: torch.dtype, device: torch.device,
-               activation_checkpointing: bool = False, cfg: FSDPConfig | None = None) -> nn.Module:
+               activation_checkpointing: bool = False, cfg: FSDPConfig | None = None,
+               always: bool = False) -> nn.Module:
     """FSDP2: activation checkpointing (optional: every k-th layer, full or selective per op), then fully_shard per
-    decoder layer, then the root.
+    decoder layer, then the root; on one rank in fp32 (`fsdp_needed`) no fully_shard unless `always`.
 
     Parameters stay fp32 (the optimizer's master copy); FSDP casts them to `param_dtype` for compute
     and reduces gradients in fp32. The root is not resharded after forward: backward needs it at once.
@@ -159,9 +168,11 @@ def apply_fsdp(model: nn.Module, layers: nn.ModuleList, *, param_dtype: torch.dt
         for i, layer in enumerate(layers):
             if i % cfg.activation_checkpointing_every == 0:
                 layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False, **extra)
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     if not any(p.is_meta for p in model.parameters()):
         model.to(device)
+    if not (always or fsdp_needed(param_dtype)):
+        return model
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for layer in layers:
         fully_shard(layer, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
     fully_shard(model, mp_policy=mp, reshard_after_forward=False)

@@ -46,7 +46,7 @@ def _step(mode: str, device: torch.device, batch):
     model = PackedCausalLM(build_model(config=TINY, dtype=torch.float32, seed=0))
     cfg = FSDPConfig(activation_checkpointing_mode="full" if mode == "none" else mode)
     apply_fsdp(model, model.layers, param_dtype=torch.float32, device=device,
-               activation_checkpointing=mode != "none", cfg=cfg)
+               activation_checkpointing=mode != "none", cfg=cfg, always=True)
 
     def loss_fn(h_TH, w_VH):
         return F.cross_entropy(h_TH @ w_VH.T, batch.labels, ignore_index=IGNORE_INDEX, reduction="sum")

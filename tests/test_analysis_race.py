@@ -81,6 +81,20 @@ def test_an_unbounded_branch_is_not_stopped_for_it(scripted):
     assert pick(d) == "a"  # the failed and short ones have no A_post; 50 +- 40 is not preferred over SE <= 10
 
 
+def test_pick_trusts_a_settled_prediction_whatever_its_se():
+    """Under evaluation noise a late riser settles on its rise with SE > 10 points: the per-branch rule's
+    stability makes it sure, and it beats a lower branch with a small SE; an unsettled huge-SE one does not."""
+    from engine.analysis.race import Decision
+
+    def d(why, a_post, se):
+        return Decision(STOP if why == "settled" else CONTINUE, why, why, a_post, se, None, None)
+
+    assert pick({"riser": d("settled", 82.0, 13.5), "flat": d("settled", 79.5, 0.4)}) == "riser"
+    assert pick({"riser": d("contender", 82.0, 13.5), "flat": d("settled", 79.5, 0.4)}) == "flat"
+    assert pick({"riser": d("plan", 82.0, 13.5), "flat": d("leader", 79.5, 0.4)}) == "riser"
+    assert pick({"riser": d("dominated", 85.0, 0.1), "flat": d("settled", 79.5, 0.4)}) == "flat"
+
+
 def test_the_leader_is_never_stopped_by_the_comparison(scripted):
     # A margin of 5 points would beat every branch, the leader's own upper bound included: it still runs.
     scripted({70.0: lambda n: (80.0, 0.5), 60.0: lambda n: (79.5, 0.5)})

@@ -95,6 +95,15 @@ def test_seed_determinism_and_global_rng(model, tok, prompts):
     assert ids(a) != ids(c)
 
 
+def test_logprobs_off_skips_the_scoring_pass_and_samples_the_same(model, tok, prompts, monkeypatch):
+    r = HFRollout(model, tok, batch_size=4)
+    on = r.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=6, n=2, seed=5))
+    monkeypatch.setattr(r, "_score", lambda *a: pytest.fail("logprobs=False still ran the teacher-forced pass"))
+    off = r.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=6, n=2, seed=5, logprobs=False))
+    assert [o.response_ids() for g in off for o in g] == [o.response_ids() for g in on for o in g]
+    assert all(o.logprobs is None and o.stop_logprob is None and o.response_logprobs() is None for g in off for o in g)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_logprobs_match_teacher_forcing(model, tok, prompts, temperature):
     outs = HFRollout(model, tok, batch_size=6).generate(

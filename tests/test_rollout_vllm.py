@@ -46,7 +46,8 @@ def setup(tmp_path_factory, tok):
                           max_model_len=512, seed=0)
     info = init_distributed("cpu")
     policy = PackedCausalLM(build_model(config=TINY, dtype=torch.float32, seed=0))
-    apply_fsdp(policy, policy.layers, param_dtype=torch.float32, device=info.device, activation_checkpointing=True)
+    apply_fsdp(policy, policy.layers, param_dtype=torch.float32, device=info.device, activation_checkpointing=True,
+               always=True)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
     state = {"version": 0, "threads_before_start": threads}
     yield policy, optimizer, rollout, state

@@ -41,7 +41,8 @@ def fsdp_policy(trainer_env):
 
     info = init_distributed("cpu")
     policy = PackedCausalLM(build_model(config=TINY, dtype=torch.float32, seed=1))
-    apply_fsdp(policy, policy.layers, param_dtype=torch.float32, device=info.device, activation_checkpointing=True)
+    apply_fsdp(policy, policy.layers, param_dtype=torch.float32, device=info.device, activation_checkpointing=True,
+               always=True)
     with torch.no_grad():  # move it away from every seed-0 copy
         for p in policy.parameters():
             p.add_(0.01)
@@ -213,7 +214,7 @@ def _two_rank_worker(rank, port, root, out):
     try:
         policy = PackedCausalLM(build_model(config=TINY, dtype=torch.float32, seed=5))
         apply_fsdp(policy, policy.layers, param_dtype=torch.float32, device=info.device,
-                   activation_checkpointing=True)
+                   activation_checkpointing=True, always=True)
         with torch.no_grad():
             for p in policy.parameters():
                 p.add_(0.01)

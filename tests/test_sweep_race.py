@@ -2,9 +2,11 @@
 rounds, the branch records and the compute table; then a real two-worker sweep through it."""
 
 import math
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +15,8 @@ from engine.sweep.items import Sweep
 from engine.sweep.race import slice_steps
 from engine.sweep.report import compute_table
 from tests.test_sweep import tiny_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("trainer_env")  # tests/conftest.py
 
@@ -99,30 +103,66 @@ def test_a_slice_outside_the_race_is_refused(tmp_path):
         sweep.race("default").branch_record(4)
 
 
+SCRIPTED_EVAL = """
+# Loaded by every process of the test's sweep (PYTHONPATH): an RL evaluation returns tests/test_sweep_race.py's
+# `score` for its branch, the earlier of the scene's two SFT checkpoints playing branch 4 (the loser), so that
+# one branch loses clearly. Training, rollouts, checkpoints, slices and workers are the real ones.
+import json
+import math
+
+from engine.rl.trainer import RLTrainer
+
+
+def _scripted(self, samples=None):
+    scene = self.run_dir.parent
+    branches = json.loads((scene.parent / "items" / scene.name / "sft.done.json").read_text())["branches"]
+    top, mid = (0.07, 1.5) if int(self.run_dir.name.rsplit("_", 1)[1]) == min(branches) else (0.55, 3.0)
+    return 0.05 + top / (1 + math.exp(-(self.step - mid)))
+
+
+RLTrainer.evaluate = _scripted
+"""
+
+
 @pytest.mark.slow
-def test_two_workers_run_a_race_sweep_to_its_report(tmp_path):
-    """The real path: two `ceiling sweep --worker` processes run the slices as child processes (each resumes its
-    branch from the last slice's checkpoint); every item finishes once and the compute table adds up."""
-    sweep = race_sweep(tmp_path, race_slices=2)
-    sweep.job.rl.steps, sweep.job.rl.eval_every = 4, 1
+def test_two_workers_race_a_clear_loser_out(tmp_path):
+    """The real path: two `ceiling sweep --worker` processes run the slices as child processes, each resuming its
+    branch from the last slice's checkpoint. The evaluations are scripted (SCRIPTED_EVAL, `score`) so that the
+    earlier SFT checkpoint loses clearly: it is stopped as dominated before its plan, the winner runs to its
+    end, every evaluation is recorded once (resumed, not redone) and the report's compute table adds up."""
+    sweep = race_sweep(tmp_path)
     config = tmp_path / "sweep.yaml"
     dump_config(sweep.job, config)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SCRIPTED_EVAL)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)])}
     cmd = [sys.executable, "-m", "engine.cli", "sweep", str(config), "--worker", "--heartbeat", "1",
            "--stale-after", "20", "--poll", "0.5"]
-    workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+               for _ in range(2)]
     outs = [w.communicate(timeout=900)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n\n".join(o[-4000:] for o in outs)
     state = Sweep(sweep.job).state()
     st = state["scenes"]["default"]
-    slices = sorted((sweep.root / "items" / "default" / "rl").rglob("r*.done.json"))
-    assert len(slices) >= len(st["branches"])  # every branch ran at least its first slice
-    for b in st["branches"]:
-        run = st["rl"][f"rl/{b}"]
-        assert run["steps"] == 4 or run["stopped"], run  # ran its plan, or the race says why not
+    loser, winner = (st["rl"][f"rl/{b}"] for b in sorted(st["branches"]))
+    assert len(st["branches"]) == 2
+    for run in (loser, winner):
         assert [h["step"] for h in run["eval_history"]] == list(range(run["steps"] + 1))  # resumed, not redone
-    assert st["race"]["picked"] is None or st["rl"][f"rl/{st['race']['picked']}"]["steps"] == 4
+    assert winner["steps"] == STEPS and winner["stopped"] is None, winner["race"]
+    assert loser["steps"] < STEPS and "dominated" in loser["stopped"]["reason"], loser["race"]
+    assert st["race"]["picked"] == str(max(st["branches"]))
+    slices = sorted((sweep.root / "items" / "default" / "rl").rglob("r*.done.json"))
+    assert len(slices) == sum(len(r) for r in st["race"]["rounds"])  # each slice ran once
     report = (sweep.root / "sweep_report.md").read_text()
     assert "Branches compared while they ran" in report and "slices on" in report
+    table = compute_table(sweep.job, state)
+    rows = {r.split("|")[1].strip(): r.split("|") for r in table.splitlines()[2:]}
+    spent = {k: float(v[3]) for k, v in rows.items() if k != "default/sft_eval"}
+    full = {k: float(v[4]) for k, v in rows.items() if k != "default/sft_eval"}
+    assert spent["**total**"] == pytest.approx(sum(v for k, v in spent.items() if k != "**total**"), rel=1e-3)
+    lose, win = (f"default/rl/{b}" for b in sorted(st["branches"]))
+    assert spent[lose] < full[lose] and spent[win] == pytest.approx(full[win], rel=1e-3)
 
 
 def test_a_branch_stopped_and_needed_again_resumes_with_its_next_slice(tmp_path, monkeypatch):

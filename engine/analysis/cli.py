@@ -29,7 +29,6 @@ Without the main CLI: `python -m engine.analysis.cli fit DATA.json --all`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -50,6 +49,7 @@ from engine.analysis.report import (
 )
 from engine.errors import CeilingError
 from engine.plots import plot_a_post
+from engine.rundir.files import write_json_atomic
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -120,8 +120,7 @@ def summary_line(name: str, step: int, f: FitResult) -> str:
 
 def _write_json(path: Path, obj) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+        write_json_atomic(path, obj, indent=2, allow_nan=False)
     except OSError as e:
         raise CeilingError(f"{path}: cannot write: {e.strerror or e}") from None
 

@@ -13,8 +13,8 @@ A branch is bounded when its fit succeeds on at least `min_points` evaluations, 
 (C_mid within 10x the compute seen) and SE <= max_se. An unbounded branch (a flat start, a failed fit, a
 huge SE) is never stopped by the comparison, and neither is the leader, whatever the margin. A negative margin keeps branches that are a little beaten; a positive one would also stop branches
 that could win by less than `margin` points. The leader and the branches within reach run on until the
-per-branch rule (`early_stop.stable_at` over a refit after every evaluation, `per_branch`) or their plan
-ends them. `min_se` is there because the fit's SE trusts the sigmoid: early in a branch it is often 0.1
+per-branch rule (`early_stop.stable_at` over a refit after every evaluation, `per_branch`; for the leader
+not before `leader_floor` of its plan) or their plan ends them. `min_se` is there because the fit's SE trusts the sigmoid: early in a branch it is often 0.1
 point while the ceiling still moves by several.
 
 The rule is a pure function of the curves seen so far, shared by the replay (`race_replay`) and the live
@@ -29,13 +29,14 @@ sweep:
                  .a_post, .se (the fit's), .lower, .upper (None when unbounded); .settled_at: the index of
                  the evaluation at which the per-branch rule fired (the branch should end there)
     pick(decisions, max_se) -> the branch to report: the best A_post among those not dominated (preferring
-                 SE <= max_se)
+                 the sure ones: settled, ran the plan, or SE <= max_se)
 
 The live sweep advances every branch whose action is "continue" by one slice of compute, then calls decide
 again with all the curves, stopped branches included: their frozen curves still count. When the leader's
 bound falls, a dominated branch can get "continue" back, and the sweep resumes it from its checkpoint (on
-the released scenes this happens; `race_replay` counts it). A settled branch stays settled: its curve no
-longer changes.
+the released scenes this happens; `race_replay` counts it). A branch settled at the per-branch floor comes
+back the same way when it becomes the leader before `leader_floor`; otherwise a settled branch stays
+settled: its curve no longer changes.
 
     from engine.analysis.race import decide, pick
     d = decide({"62": [(0.0, 68.56), (3.9, 68.2), ...], "124": [...]}, {"62": 175.4, "124": 213.6})
@@ -50,7 +51,7 @@ in benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
@@ -83,6 +84,10 @@ class RaceConfig:
     """The per-branch rule that ends the branches still running (None: they run to their plan). Its floor is
     higher than the per-branch mode's 0.55: under evaluation noise the best branch of s1K, which rises only
     after about 55% of its plan, is otherwise settled before the rise (benchmarks/RESULTS.md)."""
+    leader_floor: float = 0.0
+    """The per-branch rule does not end the leader before this fraction of its plan (when higher than the
+    rule's own floor): the leader is the branch the sweep picks, and under evaluation noise a late riser settled
+    at the per-branch floor is often picked below its ceiling (benchmarks/RESULTS.md)."""
     fit: FitConfig = field(default_factory=FitConfig)
 
     def __post_init__(self):
@@ -92,6 +97,8 @@ class RaceConfig:
             raise FitError(f"--margin must be finite, got {self.margin}")
         if not 0 <= self.min_fraction <= 1:
             raise FitError(f"--race-min-fraction must be in [0, 1], got {self.min_fraction}")
+        if not 0 <= self.leader_floor <= 1:
+            raise FitError(f"--leader-floor must be in [0, 1], got {self.leader_floor}")
         if self.min_points < 5:
             raise FitError(f"min_points must be >= 5 (3 parameters, a degree of freedom and the start), "
                            f"got {self.min_points}")
@@ -200,7 +207,10 @@ def _decide_one(b, curve, plan, f, note, bounds, leader, cfg) -> Decision:
         return Decision(action, why, reason, f.a_post, f.se, lower, upper, at)
 
     x = float(curve[-1, 0])
-    at = settled_at(curve, plan, cfg.per_branch, cfg.fit) if cfg.per_branch else None
+    rule = cfg.per_branch
+    if rule is not None and b == leader and cfg.leader_floor > rule.min_fraction:
+        rule = replace(rule, min_fraction=cfg.leader_floor)
+    at = settled_at(curve, plan, rule, cfg.fit) if rule else None
     if at is not None:
         return make(STOP, "settled", f"settled: the per-branch rule stopped it at compute {curve[at, 0]:.4g} "
                                      f"({100 * curve[at, 0] / plan:.0f}% of its plan)", at)
@@ -230,9 +240,12 @@ def _bound_note(f: _Fit, cfg: RaceConfig) -> str:
 
 
 def pick(decisions: dict[str, Decision], max_se: float = MAX_SE) -> str | None:
-    """The branch a user would take: the best A_post among the branches not dominated, counting only those
-    whose SE is at most `max_se` while there are any (None: no branch has an identified ceiling)."""
+    """The branch a user would take: the best A_post among the branches not dominated, counting only the sure
+    ones while there are any (None: no branch has an identified ceiling). Sure: the per-branch rule settled
+    it, it ran its plan, or its SE is at most `max_se`. A settled prediction is sure because it held still over
+    `patience` refits, whatever the covariance says: under evaluation noise a late riser that settled on its
+    rise often has SE > 10 points, and passing it over picks a worse branch (benchmarks/RESULTS.md)."""
     cands = {b: d for b, d in decisions.items() if d.why != "dominated" and d.a_post is not None}
-    sure = {b: d for b, d in cands.items() if d.se is not None and d.se <= max_se}
+    sure = {b: d for b, d in cands.items() if d.why in ("settled", "plan") or (d.se is not None and d.se <= max_se)}
     cands = sure or cands
     return max(cands, key=lambda b: (cands[b].a_post, b)) if cands else None

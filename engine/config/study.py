@@ -91,13 +91,14 @@ class SweepConfig:
     """compare (None: the tuned default): points added to the leader's lower bound (> 0 also stops branches that could win by less)."""
     race_min_points: int | None = None
     """compare (None: the tuned default): evaluations (the start included) before a branch's fit can bound it."""
-    tol: float = 0.5
-    """Early stop: A_post must move less than `tol` points ..."""
-    patience: int = 3
+    tol: float | None = None
+    """The per-branch rule (None: its tuned default, engine/analysis/early_stop.py EarlyStopConfig, or in
+    'compare' RaceConfig().per_branch): A_post must move less than `tol` points ..."""
+    patience: int | None = None
     """... over the last `patience` refits ..."""
-    min_points: int = 6
+    min_points: int | None = None
     """... after at least `min_points` evaluations ..."""
-    min_fraction: float = 0.55
+    min_fraction: float | None = None
     """... and not before this fraction of `rl.steps` (tuned on the paper's curves: benchmarks/RESULTS.md)."""
     scenes: list[SceneSpec] = field(default_factory=lambda: [SceneSpec()])
     """Scenes (variants of data.synthetic); >= 3 gives the min-val-loss / A_post correlation."""
@@ -109,7 +110,8 @@ class SweepConfig:
             raise ValueError("sweep: need race_slices >= 1, race_k >= 0 and race_min_points >= 5 (a fit has 3 parameters)")
         if self.branches < 1 or self.eval_samples < 1:
             raise ValueError("sweep.branches and sweep.eval_samples must be >= 1")
-        if self.tol <= 0 or self.patience < 1 or self.min_points < 1 or not 0 <= self.min_fraction <= 1:
+        if (self.tol is not None and self.tol <= 0) or (self.patience or 1) < 1 or (self.min_points or 1) < 1 \
+                or not 0 <= (self.min_fraction or 0) <= 1:
             raise ValueError("sweep: need tol > 0, patience >= 1, min_points >= 1 and 0 <= min_fraction <= 1")
         if len(set(self.baselines)) != len(self.baselines):
             raise ValueError(f"sweep.baselines has duplicates: {self.baselines}")

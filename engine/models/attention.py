@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -75,6 +77,15 @@ def needs_host_boundaries(device: torch.device) -> bool:
     return resolve_backend(device) in ("sdpa", "npu_fusion")
 
 
+@lru_cache(maxsize=8)
+def _slot_index(bounds: tuple[int, ...], max_len: int, device: torch.device) -> torch.Tensor:
+    """Where each real token goes in the padded [B * max_len] view: token t of sequence b (starting at
+    bounds[b]) to b * max_len + t - bounds[b]. Built on the host once per packed batch, not in every layer."""
+    starts = np.asarray(bounds[:-1])
+    offset = starts - np.arange(len(starts)) * max_len
+    return torch.from_numpy(np.arange(bounds[-1]) - np.repeat(offset, np.diff(bounds))).to(device)
+
+
 def _sdpa_padded(q_HTD, k_KTD, v_KTD, bounds: list[int], scale):
     """One causal SDPA call over the sequences scattered into a right-padded [B, H, L, D] view.
 
@@ -93,7 +104,7 @@ def _sdpa_padded(q_HTD, k_KTD, v_KTD, bounds: list[int], scale):
             q, k, v = (t[None, :, start:end] for t in (q_HTD, k_KTD, v_KTD))
             out.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)[0])
         return torch.cat(out, dim=1)
-    slot = torch.cat([torch.arange(n) + b * max_len for b, n in enumerate(lengths)]).to(q_HTD.device)
+    slot = _slot_index(tuple(bounds), max_len, q_HTD.device)
 
     def to_padded(x_HTD):
         flat = x_HTD.new_zeros(x_HTD.shape[0], num_seqs * max_len, x_HTD.shape[2]).index_copy(1, slot, x_HTD)

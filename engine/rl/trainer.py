@@ -17,7 +17,8 @@ One step = one rollout batch:
      weights and the KL gradient taken from that same forward).
   4. Update. `mini_batches` optimizer updates per rollout batch. With one (the paper's setting),
      old_logp = logp.detach() and no extra forward runs; otherwise old log-probs are recomputed once.
-     After the update the full weights are copied into the rollout model (weight sync).
+     After the update the full weights are copied into the rollout model (weight sync); the hf backend on
+     one rank in fp32 generates with the policy module itself, so there is nothing to copy.
 Compute is logged by the paper's Appendix C from the real token counts (generation, update, expert).
 Every `eval_every` steps, pass@1 (temperature 0.7, `eval_samples` samples per prompt) on held-out prompts
 is logged and appended to `<run>/eval_curve.json`.
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from engine import flops as flops_lib
 from engine.config import RLJobConfig
@@ -84,7 +86,6 @@ class Seq:
     reward: float
     group: int
     is_expert: bool
-    logprobs: list[float] | None = None  # rollout log-probs of the response tokens (on-policy only)
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
 
@@ -113,6 +114,8 @@ class RLTrainer(FitLoop):
                                      hf_batch_size=self.cfg.rollout_batch_size)
         self.weight_version = 0  # bumped by every sync; every rollout output must carry the current one
         self.model, self.model_config = build_policy(job.model, job.run.seed, self.info, job.fsdp, job.kernels)
+        if self.rollout.backend == "hf" and not isinstance(self.model, FSDPModule):
+            self.rollout.share(self.model)  # one rank in fp32: generate with the policy, nothing to sync
         if self.cfg.init_checkpoint:
             init = Path(self.cfg.init_checkpoint)
             if (init / "latest").is_file():  # a checkpoints/ root: take its newest checkpoint (verified on load)
@@ -192,7 +195,7 @@ class RLTrainer(FitLoop):
                                         timeout_s=self.cfg.reward_timeout_s, mode=self.reward_mode)
         self._timing["rollout"] += t1 - t0
         self._timing["reward"] += time.perf_counter() - t1
-        lite = [[(o.response_ids(), o.response_logprobs(), o.finish_reason) for o in outs] for outs in outputs]
+        lite = [[(o.response_ids(), o.finish_reason) for o in outs] for outs in outputs]
         rewards, k = [], 0
         for outs in outputs:
             rewards.append(scores[k:k + len(outs)])
@@ -216,7 +219,9 @@ class RLTrainer(FitLoop):
         self.state["cursor"] += self.cfg.gen_batch
         prompts = [self.prompts[i] for i in idx]
         seed = self.job.run.seed * 1_000_003 + self.step * 1_009 + k * 10 + self.rollout.data_parallel[0]
-        params = SamplingParams(self.cfg.temperature, self.cfg.top_p, self.cfg.max_new_tokens, self.cfg.n_samples, seed)
+        # no rollout logprobs: the update recomputes old_logp when it needs them (mini_batches > 1)
+        params = SamplingParams(self.cfg.temperature, self.cfg.top_p, self.cfg.max_new_tokens, self.cfg.n_samples, seed,
+                                logprobs=False)
         outputs, rewards, stats = self._generate(prompts, params)
         self._round_stats.append(stats)
         self._gen_tokens += sum(len(p.ids) + len(o[0]) for p, outs in zip(prompts, outputs) for o in outs)
@@ -229,8 +234,8 @@ class RLTrainer(FitLoop):
         seqs = []
         for g, group in enumerate(groups):
             prompt, outs = group.payload
-            for (resp, lps, _), reward in zip(outs, group.rewards):
-                seqs.append(Seq(prompt.ids + resp, [0] * len(prompt.ids) + [1] * len(resp), reward, g, False, lps))
+            for (resp, _), reward in zip(outs, group.rewards):
+                seqs.append(Seq(prompt.ids + resp, [0] * len(prompt.ids) + [1] * len(resp), reward, g, False))
             if self.spec.uses_expert:
                 for _ in range(self.cfg.n_expert):
                     e = prompt.expert_ids
@@ -287,7 +292,8 @@ class RLTrainer(FitLoop):
         self.model.train()
         mbs = list(self._micro_batches(seqs))
         for n, (local, batch) in enumerate(mbs):
-            self.model.set_requires_gradient_sync(n == len(mbs) - 1)
+            if isinstance(self.model, FSDPModule):
+                self.model.set_requires_gradient_sync(n == len(mbs) - 1)
             batch = batch.to(dev)
             response_T = batch.labels != -100
             sub = seq_w.select(local)
@@ -425,7 +431,7 @@ class RLTrainer(FitLoop):
         by the run's rollout backend with the weights it holds now (before `fit`'s first sync: the initial ones)."""
         cfg = self.cfg
         params = SamplingParams(cfg.eval_temperature, 1.0, cfg.max_new_tokens, samples or cfg.eval_samples,
-                                seed=self.job.run.seed + 7)
+                                seed=self.job.run.seed + 7, logprobs=False)
         self._timing = {"rollout": 0.0, "reward": 0.0}
         _, rewards, _ = self._generate(self.eval_prompts, params)
         flat = [r for rs in rewards for r in rs]

@@ -47,13 +47,14 @@ FINISH_REASONS = ("stop", "length")
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample: temperature (0 = greedy), nucleus top_p, length cap, samples per prompt, seed."""
+    """How to sample: temperature (0 = greedy), nucleus top_p, length cap, samples per prompt, seed, logprobs."""
 
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 1024
     n: int = 1
     seed: int | None = None  # same seed (and same prompts, batch size) -> same samples; None: global RNG
+    logprobs: bool = True  # False: outputs carry no logprobs (HF skips its teacher-forced pass, vLLM its sampler's)
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature >= 0):

@@ -17,7 +17,9 @@ the fused LM-head loss (`engine.losses.linear_policy_loss`) at the sampling temp
 the hidden states of the generated positions only, `logprob_chunk_rows` (default `batch_size`) at a time, so
 it holds no more fp32 logits than one decoding step of a full batch does ([rows, V]), not rows x V x new
 tokens. The pass runs over at most `logprob_tokens` tokens at a time (a longer sequence alone), bounding the
-decoder's activations. See `engine.rollout.base` for the exact definition of the logprobs.
+decoder's activations. See `engine.rollout.base` for the exact definition of the logprobs. With
+`SamplingParams(logprobs=False)` the pass is skipped (the RL trainer recomputes what it needs: a third of the
+tiny model's rollout time, benchmarks/RESULTS.md).
 
 Seeding: `params.seed` seeds a forked RNG for the call (the global RNG is left untouched), so the same
 prompts, params and batch_size give the same samples. Without a seed the global RNG is used.
@@ -115,6 +117,16 @@ class HFRollout(Rollout):
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else stops[0]
 
+    def share(self, policy: torch.nn.Module) -> None:
+        """Generate with `policy` itself from now on (a plain module on this device: one rank, no FSDP, so its
+        parameters are the full weights), dropping the copy: no second model in memory, and a weight sync
+        only stamps the version."""
+        module = getattr(policy, "hf", policy)
+        if any(hasattr(p, "device_mesh") for p in module.parameters()):
+            raise ValueError("HFRollout.share needs an unsharded policy (FSDP2 parameters are shards)")
+        self.model = module
+        self.device = next(module.parameters()).device
+
     def sync_weights(self, model: torch.nn.Module, version: int) -> None:
         """Collective: copy `model`'s weights (FSDP2-sharded or not) into the rollout model, bucket by bucket.
 
@@ -203,12 +215,13 @@ class HFRollout(Rollout):
             ends.append(end)
             responses.append(toks[:end + 1 if end is not None else len(toks)].tolist())
         temp = params.temperature if not params.greedy else 1.0
-        logps = self._score(rows, responses, temp)
+        logps = self._score(rows, responses, temp) if params.logprobs else [None] * len(rows)
         results = []
         for r, resp, lps, end in zip(rows, responses, logps, ends):
             toks = torch.tensor(resp, dtype=torch.long)
             if end is not None:
-                results.append(self._output(r, toks[:end], lps[:end], "stop", resp[end], float(lps[end])))
+                results.append(self._output(r, toks[:end], None if lps is None else lps[:end], "stop", resp[end],
+                                            None if lps is None else float(lps[end])))
             else:
                 results.append(self._output(r, toks, lps, "length", None, None))
         return results
@@ -254,5 +267,6 @@ class HFRollout(Rollout):
         token_ids = toks.tolist()
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True) if token_ids else ""
         return RolloutOutput(prompt_ids=list(prompt), token_ids=token_ids, text=text, finish_reason=reason,
-                             logprobs=lps.tolist(), stop_token_id=stop_id, stop_logprob=stop_lp,
+                             logprobs=None if lps is None else lps.tolist(), stop_token_id=stop_id,
+                             stop_logprob=stop_lp,
                              weight_version=self.weight_version)

@@ -269,8 +269,8 @@ class VLLMRollout(Rollout):
                 seed = sample_seed(params.seed, i, j) if params.seed is not None else None
                 sampling.append(VllmSamplingParams(
                     n=1, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
-                    seed=seed, logprobs=0 if params.top_p == 1 else None, stop_token_ids=list(self.stop_ids),
-                    detokenize=False))
+                    seed=seed, logprobs=0 if params.logprobs and params.top_p == 1 else None,
+                    stop_token_ids=list(self.stop_ids), detokenize=False))
                 requests.append(TokensPrompt(prompt_token_ids=list(p)))
         if not requests:
             return []

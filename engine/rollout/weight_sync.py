@@ -145,13 +145,11 @@ class Fingerprint:
 
     @classmethod
     def of_values(cls, t: torch.Tensor) -> Fingerprint:
-        x = t.detach().double()
-        return cls("value", float(x.sum()), float((x * x).sum()))
+        return cls("value", *_moments(t).tolist())
 
     @classmethod
     def of_output(cls, y: torch.Tensor) -> Fingerprint:
-        y = y.detach().double()
-        return cls("action", float(y.sum()), float((y * y).sum()))
+        return cls("action", *_moments(y).tolist())
 
     def matches(self, other: Fingerprint, rtol: float) -> bool:
         scale = math.sqrt(abs(self.squares)) + abs(self.total)  # the l2 norm bounds every summand
@@ -170,18 +168,29 @@ def fingerprint_bucket(bucket: Iterable[tuple[str, torch.Tensor]], packed_module
     aliases: dict[str, list[str]] = {}
     for alias, shared in (tied or {}).items():
         aliases.setdefault(shared, []).append(alias)
+    kinds, moments = [], []  # the sums stay on the device until one host read for the whole bucket
     for name, t in bucket:
         key = engine_name(name, packed_modules)
-        for target in [key, *aliases.get(key, [])]:
-            if only is not None and target not in only:
-                continue
-            prints = [Fingerprint.of_values(t)]
-            if t.dim() == 2:  # a linear weight W[N, K]: its action X @ W^T, computed in the engine's dtype
-                x = probe_input(t.shape[1], t.dtype, t.device)
-                prints.append(Fingerprint.of_output(x @ t.T))
+        targets = [k for k in (key, *aliases.get(key, [])) if only is None or k in only]
+        if not targets:
+            continue
+        kinds.append((targets, "value"))
+        moments.append(_moments(t))
+        if t.dim() == 2:  # a linear weight W[N, K]: its action X @ W^T, computed in the engine's dtype
+            kinds.append((targets, "action"))
+            moments.append(_moments(probe_input(t.shape[1], t.dtype, t.device) @ t.T))
+    values = torch.stack(moments).tolist() if moments else []
+    for (targets, kind), (total, squares) in zip(kinds, values):
+        fp = Fingerprint(kind, total, squares)
+        for target in targets:
             slot = into.setdefault(target, {})
-            for fp in prints:
-                slot[fp.kind] = slot[fp.kind] + fp if fp.kind in slot else fp
+            slot[kind] = slot[kind] + fp if kind in slot else fp
+
+
+def _moments(t: torch.Tensor) -> torch.Tensor:
+    """[sum, sum of squares] of `t` in float64, on its device (`Fingerprint` without the host read)."""
+    x = t.detach().double()
+    return torch.stack([x.sum(), (x * x).sum()])
 
 
 def compare_fingerprints(expected: dict[str, dict[str, Fingerprint]], actual: dict[str, tuple[str, float, float]],

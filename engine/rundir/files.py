@@ -26,13 +26,13 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def _write_temp(path: Path, obj: Any, indent: int | None) -> Path:
+def _write_temp(path: Path, obj: Any, indent: int | None, allow_nan: bool = True) -> Path:
     """`obj` as JSON in a fresh, fsynced temp file beside `path` (hidden, unique per process and call)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "w") as f:
-            f.write(json.dumps(obj, indent=indent))
+            f.write(json.dumps(obj, indent=indent, allow_nan=allow_nan))
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
@@ -41,10 +41,11 @@ def _write_temp(path: Path, obj: Any, indent: int | None) -> Path:
     return tmp
 
 
-def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 1) -> None:
-    """Write `obj` to `path`, replacing it atomically and durably."""
+def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 1, allow_nan: bool = True) -> None:
+    """Write `obj` to `path`, replacing it atomically and durably. `allow_nan=False`: a NaN or inf in `obj`
+    raises ValueError before anything is written (strict JSON for other tools)."""
     path = Path(path)
-    tmp = _write_temp(path, obj, indent)
+    tmp = _write_temp(path, obj, indent, allow_nan)
     try:
         os.replace(tmp, path)
     except BaseException:

@@ -27,6 +27,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from engine import flops as flops_lib
 from engine.analysis.phases import current_subphase
@@ -131,7 +132,9 @@ class SFTTrainer(FitLoop):
         mb_losses = []
         self.model.train()
         for k, local in enumerate(mine):
-            self.model.set_requires_gradient_sync(self.job.fsdp.reduce_scatter_every_micro_batch or k == len(mine) - 1)
+            if isinstance(self.model, FSDPModule):
+                self.model.set_requires_gradient_sync(
+                    self.job.fsdp.reduce_scatter_every_micro_batch or k == len(mine) - 1)
             mb_ids = [ids[j] for j in local]
             loss = self._loss_sum(self._micro_batch(self.train, mb_ids))
             (loss * scale).backward()

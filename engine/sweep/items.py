@@ -58,7 +58,7 @@ from engine.rundir.checkpoint import checkpoint_name
 from engine.rundir.files import read_json, write_json_atomic
 from engine.rundir.lock import break_lock
 from engine.sft.trainer import SFTTrainer
-from engine.sweep.race import Race
+from engine.sweep.race import Race, per_branch_rule
 from engine.sweep.worker import Item, RunDir, Worker
 
 log = logging.getLogger("ceiling")
@@ -333,7 +333,8 @@ class Sweep:
         job, sweep = self.job, self.job.sweep
         rl_job, budget = self.rl_job(spec, key, algorithm, init_step)
         name = rl_job.run.name
-        rule = ceiling_stop_rule(sweep.tol, sweep.patience, sweep.min_points, min_fraction=sweep.min_fraction,
+        pb = per_branch_rule(sweep)
+        rule = ceiling_stop_rule(pb.tol, pb.patience, pb.min_points, min_fraction=pb.min_fraction,
                                  planned_steps=job.rl.steps) if early_stop else None
         trainer = RLTrainer(rl_job)
         try:

@@ -24,12 +24,19 @@ from engine.analysis.race import CONTINUE, RaceConfig, decide, pick
 from engine.sweep.worker import Item
 
 
+def per_branch_rule(sweep) -> EarlyStopConfig:
+    """The per-branch rule of the `sweep:` section: the tuned defaults of its mode ('compare': the comparing
+    rule's, whose floor is higher; else EarlyStopConfig's), with the fields the section sets."""
+    base = RaceConfig().per_branch if sweep.early_stop == "compare" else EarlyStopConfig()
+    given = {"tol": sweep.tol, "patience": sweep.patience, "min_points": sweep.min_points,
+             "min_fraction": sweep.min_fraction}
+    return replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
 def race_config(sweep) -> RaceConfig:
-    """The rule from the `sweep:` section; its per-branch part is the sweep's own (tol, patience, ...)."""
-    per_branch = EarlyStopConfig(tol=sweep.tol, patience=sweep.patience, min_points=sweep.min_points,
-                                 min_fraction=sweep.min_fraction)
+    """The comparing rule from the `sweep:` section: its tuned defaults, with what the section sets."""
     given = {"k": sweep.race_k, "margin": sweep.race_margin, "min_points": sweep.race_min_points}
-    return replace(RaceConfig(), per_branch=per_branch, **{k: v for k, v in given.items() if v is not None})
+    return replace(RaceConfig(), per_branch=per_branch_rule(sweep), **{k: v for k, v in given.items() if v is not None})
 
 
 def slice_steps(steps: int, eval_every: int, slices: int) -> int:

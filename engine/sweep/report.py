@@ -30,6 +30,7 @@ from engine.analysis.findings import a_post_se, pass1_se
 from engine.analysis.report import early_stop_markdown, rows_from
 from engine.plots import GFLOPS_PER_EFLOPS, plot_a_post, plot_paradigms
 from engine.rundir.files import write_json_atomic
+from engine.sweep.race import per_branch_rule
 
 
 def _gf(exaflops: float, digits: int = 2) -> float:
@@ -107,7 +108,7 @@ def write_sweep_report(job, root: Path, state: dict) -> Path:
     from engine.sweep.findings_report import findings_markdown
 
     sections, tables, pairs, skipped, a_posts = [], [], [], [], {}
-    cfg = job.sft
+    cfg, pb = job.sft, per_branch_rule(job.sweep)
     for spec in job.sweep.scenes:
         st, out = state["scenes"][spec.name], root / spec.name
         history = st["sft"]["val_history"]
@@ -121,8 +122,7 @@ def write_sweep_report(job, root: Path, state: dict) -> Path:
         if scene is None:
             replay = "No RL branch to replay.\n"
         else:
-            replayed = replay_scene(scene, tol=job.sweep.tol, patience=job.sweep.patience,
-                                    min_points=job.sweep.min_points, min_fraction=job.sweep.min_fraction)
+            replayed = replay_scene(scene, per_branch_rule(job.sweep))
             replay = early_stop_markdown(replayed, compute_unit="GFLOPs") + "\n" + decide(replayed).summary() + "\n"
         table, rows = scene_table(st, results, subphase)
         a_posts[spec.name] = {r["sft_step"]: (r["A_post"], r["A_post_se"]) for r in rows
@@ -167,8 +167,8 @@ prompts, T={job.rl.eval_temperature}, {job.sweep.eval_samples} sample(s) each fo
 {race}
 ### Early stopping, replayed
 
-Had each branch been stopped once its predicted A_post moved less than {job.sweep.tol} points over
-{job.sweep.patience} refits (after at least {job.sweep.min_points} evaluations and {job.sweep.min_fraction:g} of its
+Had each branch been stopped once its predicted A_post moved less than {pb.tol:g} points over
+{pb.patience} refits (after at least {pb.min_points} evaluations and {pb.min_fraction:g} of its
 compute), this is where it would have stopped, the share of its RL compute saved, its A_post against the fit
 of the whole branch, and the branch a user would have picked:
 
@@ -192,7 +192,7 @@ of the whole branch, and the branch a user would have picked:
         corr = (f"Not computed: it needs at least 3 scenes with a fitted A_post; this sweep has {len(pairs)}"
                 + (f" (no fitted branch in: {', '.join(skipped)})" if skipped else "") + ".")
     (root / "table.md").write_text("\n".join(tables))
-    early = (f"on (tol {job.sweep.tol}, patience {job.sweep.patience}, min points {job.sweep.min_points}); "
+    early = (f"on (tol {pb.tol:g}, patience {pb.patience}, min points {pb.min_points}); "
              "'used/planned' shows the RL steps a branch ran of `rl.steps`") if job.sweep.early_stop != "off" else "off"
     text = f"""# Sweep `{job.run.name}`: SFT sub-phases x RL branches, Plasticity-Ceiling fits
 
