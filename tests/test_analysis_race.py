@@ -95,6 +95,21 @@ def test_pick_trusts_a_settled_prediction_whatever_its_se():
     assert pick({"riser": d("dominated", 85.0, 0.1), "flat": d("settled", 79.5, 0.4)}) == "flat"
 
 
+def test_the_leader_is_not_settled_before_the_leader_floor(scripted):
+    # Both fits are flat, so the per-branch rule (tol 1, patience 3, 6 points) fires past its floor 0.5
+    # for the follower; the leader runs on to 0.8 of its plan, then settles like any branch.
+    scripted({70.0: lambda n: (80.0, 0.5), 65.0: lambda n: (79.5, 0.5)})
+    cfg = dataclasses.replace(RULE, per_branch=EarlyStopConfig(min_fraction=0.5), leader_floor=0.8)
+    plans = {"a": 10.0, "b": 10.0}
+    d = decide({"a": curve(70.0, 8), "b": curve(65.0, 8)}, plans, cfg)  # 7 of 10 each
+    assert (d["a"].action, d["a"].why) == (CONTINUE, "leader")
+    assert (d["b"].action, d["b"].why) == (STOP, "settled") and d["b"].settled_at == 7  # 6 points + patience
+    d = decide({"a": curve(70.0, 10), "b": curve(65.0, 8)}, plans, cfg)  # the leader at 9 of 10
+    assert (d["a"].why, d["a"].settled_at) == ("settled", 8)
+    with pytest.raises(FitError, match="leader-floor"):
+        RaceConfig(leader_floor=1.5)
+
+
 def test_the_leader_is_never_stopped_by_the_comparison(scripted):
     # A margin of 5 points would beat every branch, the leader's own upper bound included: it still runs.
     scripted({70.0: lambda n: (80.0, 0.5), 60.0: lambda n: (79.5, 0.5)})
@@ -193,12 +208,12 @@ def test_the_per_branch_input_is_the_monitor():
 
 def test_released_scenes_pick_right_and_save():
     """The default rule on the paper's five scenes (benchmarks/bench_early_stop.py has the tables): the
-    right branch in 5/5, 35.7% of the RL compute saved in total."""
+    right branch in 5/5, 32.3% of the RL compute saved in total."""
     res = [replay_race(load_scene(RETU / f"{s}.json")) for s in ("general", "easy102K", "hard102K", "uniform102K",
                                                                   "s1K")]
     assert all(r.ok for r in res), [r.summary() for r in res if not r.ok]
     saved = 1 - sum(r.used for r in res) / sum(r.planned for r in res)
-    assert saved >= 0.355, saved
+    assert saved >= 0.32, saved
     assert {r.scene: r.picked for r in res}["s1K"] == 62  # the late riser survives
 
 

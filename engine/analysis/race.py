@@ -70,7 +70,7 @@ class RaceConfig:
 
     k: float = 1.0
     """Standard errors on each side of A_post that make the bounds."""
-    min_se: float = 1.0
+    min_se: float = 2.0
     """Floor on the SE (points) in the bounds: a partial curve never pins its ceiling better than this."""
     margin: float = -0.5
     """Points added to the leader's lower bound before comparing (< 0 keeps branches a little beaten)."""
@@ -84,7 +84,7 @@ class RaceConfig:
     """The per-branch rule that ends the branches still running (None: they run to their plan). Its floor is
     higher than the per-branch mode's 0.55: under evaluation noise the best branch of s1K, which rises only
     after about 55% of its plan, is otherwise settled before the rise (benchmarks/RESULTS.md)."""
-    leader_floor: float = 0.0
+    leader_floor: float = 0.8
     """The per-branch rule does not end the leader before this fraction of its plan (when higher than the
     rule's own floor): the leader is the branch the sweep picks, and under evaluation noise a late riser settled
     at the per-branch floor is often picked below its ceiling (benchmarks/RESULTS.md)."""
