@@ -88,7 +88,7 @@ def plot_paradigms(st: dict, path: Path, title: str, *, best_only: bool = False)
     gf, n = GFLOPS_PER_EFLOPS, st.get("n_eval") or 1
     history, best = st["sft"]["val_history"], st["sft"]["best"]["step"]
     sft_x = {0: 0.0} | {h["step"]: gf * h["exaflops"] for h in history}
-    shown = [h for h in history if not best_only or h["step"] <= best]
+    shown = [h for h in history if (not best_only or h["step"] <= best) and str(h["step"]) in st["sft_pass1"]]
     fig = Figure(figsize=(7.5, 4.3), layout="constrained")
     ax = fig.subplots()
     _band(ax, [0.0] + [sft_x[h["step"]] for h in shown],

@@ -10,6 +10,7 @@ from engine.analysis import (
     current_subphase,
     subphase_spans,
 )
+from engine.analysis.phases import subphase_reached
 
 # L_min = 1.0 below, so the bars are Stable <= 1.02, Mild < 1.10, Severe >= 1.10.
 
@@ -94,3 +95,15 @@ def test_best_a_post():
     assert best_a_post([R(80.0), R(float("nan")), R(83.5)]) == 83.5
     with pytest.raises(ValueError):
         best_a_post([])
+
+
+def test_subphase_reached_needs_patience_validations_at_or_past_the_target():
+    rising = [2.0, 1.0, 1.05, 1.12, 1.15]
+    assert subphase_reached(rising[:4], "Severe") is None  # one Severe validation: a spike is not over-fitting
+    reason = subphase_reached(rising, "Severe")
+    assert reason.startswith("Severe sub-phase reached for 2") and "1.150 x the minimum 1.0000" in reason
+    assert subphase_reached(rising[:4], "Mild") is not None  # Mild then Severe: both count as past Mild
+    assert subphase_reached(rising[:4], "Severe", patience=1) is not None
+    assert subphase_reached([2.0, 1.0, 1.12, 0.9, 1.0], "Severe") is None  # a new minimum relabels the past
+    with pytest.raises(ValueError, match="until must be"):
+        subphase_reached(rising, "Stable")

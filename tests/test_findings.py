@@ -15,11 +15,13 @@ from engine.analysis.findings import (
     SceneOutcome,
     Score,
     a_post_se,
-    final_score,
+    branch_score,
     judge_paradigms,
     judge_scenes,
     judge_switch_points,
     pass1_se,
+    smoothed_max,
+    unidentified,
 )
 from engine.analysis.fit import fit_points, sigmoid
 
@@ -30,11 +32,36 @@ def test_pass1_se_is_the_binomial_bound_with_a_floor_at_0_and_100():
     assert 0 < pass1_se(0.0, 200) < 0.5 and pass1_se(0.0, 200) == pass1_se(100.0, 200)
 
 
-def test_final_score_averages_the_last_two_evaluations():
-    hist = [{"step": s, "rl_exaflops": 0.1 * s, "pass@1": p} for s, p in [(0, 0.2), (5, 0.5), (10, 0.6), (15, 0.7)]]
-    sc = final_score(hist, 200, offset=1.0)
-    assert sc.value == pytest.approx(65.0) and sc.compute == pytest.approx(2.5)
-    assert sc.se == pytest.approx(pass1_se(65.0, 200) / math.sqrt(2))
+def _history(curve, step_ef=0.1):
+    return [{"step": 5 * i, "rl_exaflops": step_ef * 5 * i, "pass@1": p / 100} for i, p in enumerate(curve)]
+
+
+def test_smoothed_max_reads_a_peak_that_falls_back_not_the_end():
+    hist = _history([20, 40, 47, 46, 30, 25])  # n4000's best branch of the last study: a peak, then a fall
+    sc = smoothed_max(hist, 200, offset=1.0)
+    assert sc.value == pytest.approx((40 + 47 + 46) / 3) and sc.rule == "smoothed max"
+    assert sc.compute == pytest.approx(1.0 + 0.5 * 3)  # at the window's last evaluation
+    assert sc.se == pytest.approx(pass1_se(sc.value, 200) / math.sqrt(3))
+    assert smoothed_max(_history([10, 30]), 200).value == pytest.approx(20.0)  # fewer points than the window
+
+
+def test_branch_score_takes_an_identified_a_post_and_a_smoothed_max_otherwise():
+    x = np.array([0.0, 0.5, 1, 2, 3, 4, 6, 8, 10, 12])
+    y = sigmoid(x, 30.0, 2.0, 1.5)
+    rng = np.random.default_rng(0)
+    done = fit_points(np.c_[x, y + rng.normal(0, 0.3, len(x))], p_sft=40.0)
+    hist = _history(list(40 + y))
+    assert unidentified(done, a_post_se(done)) is None
+    sc = branch_score(hist, 200, done)
+    assert sc.rule == "A_post" and sc.value == pytest.approx(done.A_post) and sc.value == pytest.approx(70, abs=1)
+    assert sc.se == pytest.approx(a_post_se(done))
+    # the rise only begun: the midpoint is beyond the compute run or the asymptote is loose -> smoothed max
+    x_late = np.array([0.0, 0.5, 1, 1.5, 2, 2.5])
+    start = fit_points(np.c_[x_late, sigmoid(x_late, 30.0, 6.0, 1.5) + rng.normal(0, 0.3, 6)], p_sft=40.0)
+    assert unidentified(start, a_post_se(start)) is not None
+    late = branch_score(_history(list(40 + sigmoid(x_late, 30.0, 6.0, 1.5))), 200, start)
+    assert late.rule == "smoothed max" and late.value < 50
+    assert branch_score(hist, 200, None).rule == "smoothed max"  # no fit at all
 
 
 def S(v, se=2.0):
@@ -136,3 +163,11 @@ def test_sweep_report_findings_section_on_a_known_scene(tmp_path):
     findings_markdown(job, tmp_path, state, {})
     verdicts = {v["finding"]: v["verdict"] for v in json.loads((tmp_path / "findings.json").read_text())}
     assert verdicts["2"] == NOT_REPRODUCED
+    # the Stable branch peaks high and falls back at its end: what it reaches is its peak, so it still wins
+    state = synthetic_state([("n200", 200, 0.55), ("n1000", 1000, 0.7), ("n4000", 4000, 0.85)])
+    for st in state["scenes"].values():
+        st["rl"]["rl/100"] = _run("dapo_dc", 100, [0.3, 0.6, 0.9, 0.9, 0.9, 0.4, 0.3])
+    findings_markdown(job, tmp_path, state, {})
+    found = {v["finding"]: v for v in json.loads((tmp_path / "findings.json").read_text())}
+    assert found["2"]["verdict"] == REPRODUCED
+    assert {r["score"]["rule"] for r in found["2"]["rows"]} == {"smoothed max"}

@@ -171,3 +171,33 @@ def test_fsdp_options_keep_the_losses(tmp_path):
     assert "CheckpointWrapper" not in wrapped[1]  # every 2nd layer only
     with pytest.raises(ValueError, match="activation_checkpointing_every must be >= 1"):
         FSDPConfig(activation_checkpointing_every=0)
+
+
+def test_until_severe_stops_once_over_fitting_is_seen_and_resumes_to_the_same_end(tmp_path):
+    import dataclasses
+
+    from engine.config import DataConfig
+
+    def overfitting_job():  # 16 training rows at a high LR: the val loss turns up within ~80 steps
+        j = job(tmp_path, steps=300, val_every=4, checkpoint_every=40, lr=2e-2, warmup_steps=2, until="severe")
+        return dataclasses.replace(j, data=DataConfig(synthetic=SyntheticTaskConfig(
+            num_train=16, num_val=32, num_rl=0, num_eval=0), max_seq_len=192))
+
+    summary = SFTTrainer(overfitting_job()).fit()
+    stop, history = summary["stopped"], summary["val_history"]
+    assert stop and summary["steps"] == stop["step"] < 300 and stop["reason"].startswith("Severe sub-phase reached")
+    from engine.analysis.phases import classify_subphases, subphase_reached
+
+    losses = [h["val_loss"] for h in history]
+    assert classify_subphases(losses)[-2:] == ["Severe", "Severe"]
+    assert all(subphase_reached(losses[:i], "Severe") is None for i in range(1, len(losses)))  # the first time
+    assert min(history, key=lambda h: h["val_loss"])["val_loss"] * 1.1 <= history[-1]["val_loss"]
+    assert (tmp_path / "runs" / "t" / "checkpoints" / "latest").read_text() == f"step_{stop['step']:08d}"
+    destroy_distributed()
+    again = SFTTrainer(overfitting_job()).fit()  # a finished run is not trained further
+    assert again["steps"] == summary["steps"] and again["stopped"] == stop
+
+
+def test_until_needs_validations():
+    with pytest.raises(ValueError, match="sft.until='severe' needs validations"):
+        SFTConfig(until="severe", val_every=0)

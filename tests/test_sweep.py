@@ -1,6 +1,7 @@
 """`ceiling sweep`: branch selection, the plan, and a tiny sweep run end to end by two `--worker` processes
 (items as child processes) that a plain in-process `ceiling sweep` then resumes without redoing work."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -25,7 +26,8 @@ from engine.data.synthetic import SyntheticTaskConfig
 from engine.data.tokenizer import build_char_tokenizer
 from engine.errors import ConfigError
 from engine.sweep.cli import item_command
-from engine.sweep.items import Sweep, select_branches, select_branches_by_subphase
+from engine.sweep.items import Sweep, select_branches, select_branches_by_subphase, sft_eval_steps
+from engine.sweep.report import sft_end
 
 pytestmark = pytest.mark.usefixtures("trainer_env")  # tests/conftest.py
 
@@ -43,9 +45,26 @@ def test_select_branches_by_subphase_takes_one_per_phase_then_spreads():
     steps = [25, 50, 75, 100, 125, 150, 175, 200]
     labels = ["Adaptive", "Adaptive", "Adaptive", "Stable", "Stable", "Mild", "Mild", "Severe"]
     assert select_branches_by_subphase(steps, labels, 100, 4) == [50, 100, 150, 200]
-    assert select_branches_by_subphase(steps, labels, 100, 2) == [50, 100]  # best, then Adaptive
+    assert select_branches_by_subphase(steps, labels, 100, 2) == [100, 150]  # best, then Mild (the paper's two)
+    assert select_branches_by_subphase(steps, labels, 100, 3) == [50, 100, 150]  # then Adaptive
     no_overfit = ["Adaptive"] * 6 + ["Stable"] * 2
     assert select_branches_by_subphase(steps, no_overfit, 200, 3) == [25, 75, 200]  # best, mid-Adaptive, spread
+
+
+def test_sft_eval_measures_the_base_the_branches_and_every_nth_checkpoint():
+    record = {"sft": {"val_history": [{"step": s} for s in range(10, 131, 10)]}, "branches": [30, 70, 130]}
+    assert sft_eval_steps(record, 50) == [0, 30, 50, 70, 100, 130]
+    assert sft_eval_steps(record, 0) == [0] + list(range(10, 131, 10))  # 0: every checkpoint
+
+
+def test_the_report_says_how_sft_ended_and_which_subphases_it_lacks():
+    stopped = {"target": "severe", "cap": 500, "stopped": {"step": 130, "reason": "Severe sub-phase reached"}}
+    assert sft_end({"until": stopped}, ["Adaptive", "Stable", "Mild", "Severe"]) == \
+        "It stopped at step 130: Severe sub-phase reached."
+    capped = sft_end({"until": {"target": "severe", "cap": 500, "stopped": None}}, ["Adaptive", "Stable"])
+    assert "hit its cap of 500 steps before reaching the Severe sub-phase" in capped
+    assert capped.endswith("No Mild/Severe checkpoint to branch from.")
+    assert sft_end({}, ["Adaptive", "Stable", "Mild"]) == "No Severe checkpoint to branch from."  # no sft.until
 
 
 def test_matched_compute_budget_and_dependencies(tmp_path):
@@ -209,3 +228,39 @@ def test_item_command_runs_training_items_under_torchrun():
     assert item_command("a/sft_eval", "/r/config.yaml", r, nproc_per_node=8)[:3] == [sys.executable, "-m", "engine.cli"]
     assert item_command("a/sft", "/r/config.yaml", r, launcher="srun --ntasks=1 python -m engine.cli")[:6] == [
         "srun", "--ntasks=1", "python", "-m", "engine.cli", "sweep"]
+
+
+def test_a_stable_to_severe_jump_is_replayed_step_by_step_with_the_runs_own_losses(tmp_path):
+    """sft.until: severe on 16 rows at a high LR over-fits within ~80 steps. With the Mild validations taken out
+    of the summary (as if the loss had jumped between two validations), `fill_mild` replays the gap from the
+    last Stable checkpoint: its validations at the removed steps are the run's own, and every step of the gap
+    has a checkpoint that `sft_checkpoint` finds."""
+    from engine.analysis.phases import classify_subphases
+
+    job = tiny_sweep(tmp_path, branch_rule="subphase", branches=4)
+    job = dataclasses.replace(job, data=dataclasses.replace(job.data, synthetic=dataclasses.replace(
+        job.data.synthetic, num_train=16, num_val=32)), sft=SFTConfig(
+        steps=300, global_batch_size=8, micro_batch_tokens=1024, lr=2e-2, warmup_steps=2, val_every=4, until="severe"))
+    sweep = Sweep(job)
+    spec = sweep.scenes["default"]
+    record = sweep.run_sft(spec)
+    history = record["sft"]["val_history"]
+    labels = classify_subphases([h["val_loss"] for h in history])
+    assert record["sft"]["until"]["stopped"] and labels[-1] == "Severe" and "Mild" in labels
+    assert record["sft"]["until"]["filled"] is None  # Mild was seen: nothing to replay
+    mild = {h["step"]: h["val_loss"] for h, lab in zip(history, labels) if lab == "Mild"}
+    cut = [h for h, lab in zip(history, labels) if lab != "Mild"]
+    summary = {"val_history": cut, "best": record["sft"]["best"], "stopped": record["sft"]["until"]["stopped"]}
+    filled = sweep.fill_mild(spec, sweep.sft_job(spec), summary)
+    start, end = filled["filled"]
+    assert start - 1 == max(h["step"] for h, lab in zip(history, labels) if lab == "Stable")
+    assert [h["step"] for h in filled["val_history"] if start <= h["step"] <= end] == list(range(start, end + 1))
+    replayed = {h["step"]: h["val_loss"] for h in filled["val_history"]}
+    assert {s: replayed[s] for s in mild} == pytest.approx(mild, rel=1e-6)  # resume is exact
+    assert "Mild" in classify_subphases([h["val_loss"] for h in filled["val_history"]])
+    assert sweep.sft_checkpoint("default", start + 1).parent.parent.name == "sft_fill"
+    assert sweep.sft_checkpoint("default", start - 1).parent.parent.name == "sft"
+    with pytest.raises(ConfigError, match="no SFT checkpoint of step 3"):
+        sweep.sft_checkpoint("default", 3)
+    again = sweep.fill_mild(spec, sweep.sft_job(spec), summary)  # rerun (a resumed item): nothing trained again
+    assert again["val_history"] == filled["val_history"]

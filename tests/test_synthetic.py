@@ -83,6 +83,17 @@ def test_seeded_and_nested_train_sets():
     assert all(big[s] == a[s] for s in ("val", "rl", "eval"))
 
 
+def test_val_mix_gives_every_scene_one_validation_set():
+    base = dict(**{**SMALL, "num_train": 600}, max_ops=4, max_digits=2, val_mix="uniform")
+    tasks = {mix: generate_task(SyntheticTaskConfig(**base, difficulty_mix=mix)) for mix in ("easy", "uniform", "hard")}
+    assert tasks["easy"]["val"] == tasks["uniform"]["val"] == tasks["hard"]["val"]
+    assert tasks["easy"]["train"] != tasks["hard"]["train"]
+    own = generate_task(SyntheticTaskConfig(**{**base, "val_mix": None}, difficulty_mix="hard"))
+    assert own["val"] != tasks["hard"]["val"]  # without it, val follows the train mix
+    with pytest.raises(ValueError, match="val_mix"):
+        SyntheticTaskConfig(val_mix="medium")
+
+
 def test_difficulty_mixes():
     base = dict(**{**SMALL, "num_train": 1500}, max_ops=4, max_digits=3)
     mean_ops = {}

@@ -8,10 +8,13 @@ RETU (arXiv 2512.11470) claims:
   3. Data scale sets the primary potential and difficulty multiplies it; the minimum SFT validation loss
      predicts the final ceiling across scenes.
 
-Each claim is judged on *measured* pass@1, not on extrapolated ceilings: a run's score is the mean of its last
-two evaluations (`Score`), with a standard error from the evaluation set (`pass1_se`). Two scores differ when
-|difference| > Z standard errors of the difference (Z = 2). The fitted A_post (with the standard error of the
-fit's asymptote, `a_post_se`) is shown beside it; with a few points per tiny branch it can be far off.
+A branch's score is what it reaches (`branch_score`): its fitted ceiling A_post ± the fit's standard error
+(`a_post_se`) where the fit is identified (SE <= IDENTIFIED_SE points, A_post in [0, 100], A not stuck at the fit's bound, and the
+sigmoid's midpoint C_mid inside the compute the branch ran, so the asymptote is not extrapolated from a
+curve's start), else its smoothed maximum: the best mean of SMOOTH consecutive evaluations, ± the evaluation set's
+standard error (`pass1_se`) of that mean. A curve that peaks and falls back is read at its peak, not at its end.
+At matched compute (finding 1) every run is scored by its smoothed maximum within the budget: an asymptote
+would leave the budget. Two scores differ when |difference| > Z standard errors of the difference (Z = 2).
 
 Verdicts: "reproduced", "not reproduced" (the data contradicts the claim beyond the noise) or "inconclusive"
 (the differences are inside the noise, or a comparison is missing); the reason says which numbers decided.
@@ -27,6 +30,8 @@ import numpy as np
 from engine.analysis.fit import FitResult, sigmoid
 
 Z = 2.0  # standard errors that make a difference
+IDENTIFIED_SE = 5.0  # points: a fitted A_post with a larger standard error is not read as the branch's ceiling
+SMOOTH = 3  # evaluations averaged by the smoothed maximum
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 
 
@@ -44,6 +49,7 @@ class Score:
     value: float
     se: float
     compute: float = 0.0
+    rule: str = "measured"  # how the value was read: "A_post", "smoothed max", "last 2"
 
     def minus(self, other: Score) -> tuple[float, float]:
         """The difference and its standard error (independent evaluations)."""
@@ -59,7 +65,45 @@ def final_score(history: list[dict], n_prompts: int, offset: float = 0.0, last: 
     if not pts:
         raise ValueError("no evaluation")
     p = 100.0 * sum(e["pass@1"] for e in pts) / len(pts)
-    return Score(p, pass1_se(p, n_prompts) / math.sqrt(len(pts)), offset + pts[-1]["rl_exaflops"])
+    return Score(p, pass1_se(p, n_prompts) / math.sqrt(len(pts)), offset + pts[-1]["rl_exaflops"], f"last {len(pts)}")
+
+
+def smoothed_max(history: list[dict], n_prompts: int, offset: float = 0.0, window: int = SMOOTH) -> Score:
+    """The best mean of `window` consecutive evaluations (fewer when the run has fewer), at the compute of the
+    window's last one. The maximum of noisy means leans high by about one of their standard errors."""
+    if not history:
+        raise ValueError("no evaluation")
+    w = min(window, len(history))
+    means = [sum(e["pass@1"] for e in history[i:i + w]) / w for i in range(len(history) - w + 1)]
+    i = int(np.argmax(means))
+    p = 100.0 * means[i]
+    return Score(p, pass1_se(p, n_prompts) / math.sqrt(w), offset + history[i + w - 1]["rl_exaflops"],
+                 "smoothed max")
+
+
+def unidentified(fit: FitResult, se: float) -> str | None:
+    """Why a fit's A_post is not read as the branch's ceiling, or None when it is identified."""
+    if not math.isfinite(se) or se > IDENTIFIED_SE:
+        return f"A_post's SE {se:.1f} > {IDENTIFIED_SE:g}"
+    if not 0.0 <= fit.A_post <= 100.0:
+        return f"A_post {fit.A_post:.1f} is outside [0, 100]"
+    stuck = [w for w in fit.warnings if w.startswith("A = ") and "bound" in w or "meaningless" in w]
+    if stuck:
+        return f"the fit's asymptote is not pinned ({stuck[0]})"
+    if fit.C_mid > float(np.max(fit.x)):
+        return f"the sigmoid's midpoint C_mid {fit.C_mid:.3g} lies beyond the compute run ({np.max(fit.x):.3g})"
+    return None
+
+
+def branch_score(history: list[dict], n_prompts: int, fit: FitResult | None = None, p_sft_se: float = 0.0,
+                 offset: float = 0.0) -> Score:
+    """What an RL branch reaches: its fitted A_post ± SE when the fit is identified (`unidentified`), else its
+    smoothed maximum (module docstring)."""
+    if fit is not None:
+        se = a_post_se(fit, p_sft_se)
+        if unidentified(fit, se) is None:
+            return Score(fit.A_post, se, offset + history[-1]["rl_exaflops"], "A_post")
+    return smoothed_max(history, n_prompts, offset)
 
 
 def a_post_se(fit: FitResult, p_sft_se: float = 0.0) -> float:

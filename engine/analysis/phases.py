@@ -65,6 +65,23 @@ def current_subphase(losses: Sequence[float], d1: float = 0.02, d2: float = 0.10
     return classify_subphases(losses, d1, d2)[-1]
 
 
+def subphase_reached(losses: Sequence[float], until: str, d1: float = 0.02, d2: float = 0.10,
+                     patience: int = 2) -> str | None:
+    """Online: why SFT may stop (`sft.until`), or None. The last `patience` validations all carry the `until`
+    sub-phase or a later one ("Mild" counts "Severe"), judged on the series so far."""
+    order = {ADAPTIVE: 0, STABLE: 1, MILD: 2, SEVERE: 3}
+    if until not in (MILD, SEVERE):
+        raise ValueError(f"until must be {MILD!r} or {SEVERE!r}, got {until!r}")
+    if len(losses) < patience:
+        return None
+    labels = classify_subphases(losses, d1, d2)[-patience:]
+    if min(order[lab] for lab in labels) < order[until]:
+        return None
+    l_min, last = min(losses), losses[-1]
+    return (f"{until} sub-phase reached for {patience} validation(s): val loss {last:.4f} = "
+            f"{last / l_min:.3f} x the minimum {l_min:.4f} (bars {1 + d1:g} and {1 + d2:g})")
+
+
 @dataclass(frozen=True)
 class SubphaseSpan:
     """A run of consecutive points with one label; indices are inclusive."""

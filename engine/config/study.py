@@ -68,9 +68,9 @@ class SweepConfig:
     branches: int = 3
     """SFT checkpoints that start an RL branch (min-val-loss always one; see `branch_rule`)."""
     branch_rule: Literal["spread", "subphase"] = "spread"
-    """How the branches are chosen: spread evenly over the validations, or one per SFT sub-phase present
-    (Adaptive: the middle of the span, Stable: the min-val-loss step, Mild: its middle, Severe: the last
-    validation), then spread to fill `branches` (the paper's RQ2 compares switch points by sub-phase)."""
+    """How the branches are chosen: spread evenly over the validations, or one per SFT sub-phase present in
+    the order Stable (the min-val-loss step), Mild (the middle of its span), Adaptive (its middle), Severe (the
+    last validation), then spread to fill `branches` (the paper's RQ2 compares switch points by sub-phase)."""
     matched_compute: bool = True
     """Pure RL and the baselines of a scene get the sequential paradigm's compute: SFT up to the min-val-loss
     checkpoint plus the RL branch from it (they run after that branch, with `rl.max_exaflops`)."""
@@ -78,6 +78,10 @@ class SweepConfig:
     """Synchronized SFT-RL baselines, each an RL run from the base model with that rl.algorithm."""
     eval_samples: int = 2
     """Samples per eval prompt for the pass@1 of the base model and each SFT checkpoint."""
+    sft_eval_every: int = 0
+    """pass@1 of the SFT checkpoints whose step is a multiple of this, besides the base model and the branches'
+    (0: of every checkpoint). With `sft.until` and frequent validations most checkpoints only serve to
+    place the sub-phases; evaluating each would cost more than the SFT."""
     early_stop: bool | Literal["off", "branch", "compare"] = "off"
     """'branch' (or true): stop an RL branch once its own predicted ceiling settles (ceiling_stop_rule).
     'compare': the branches of a scene run side by side in slices (`race_slices`) and, between slices, every
@@ -110,6 +114,8 @@ class SweepConfig:
             raise ValueError("sweep: need race_slices >= 1, race_k >= 0 and race_min_points >= 5 (a fit has 3 parameters)")
         if self.branches < 1 or self.eval_samples < 1:
             raise ValueError("sweep.branches and sweep.eval_samples must be >= 1")
+        if self.sft_eval_every < 0:
+            raise ValueError(f"sweep.sft_eval_every must be >= 0, got {self.sft_eval_every}")
         if (self.tol is not None and self.tol <= 0) or (self.patience or 1) < 1 or (self.min_points or 1) < 1 \
                 or not 0 <= (self.min_fraction or 0) <= 1:
             raise ValueError("sweep: need tol > 0, patience >= 1, min_points >= 1 and 0 <= min_fraction <= 1")

@@ -15,7 +15,13 @@ class SFTConfig:
     """Optimisation, batching, validation and checkpointing of SFT."""
 
     steps: int = 100
-    """Optimizer steps."""
+    """Optimizer steps (with `until`: the cap; the LR schedule always spans `steps`)."""
+    until: Literal["steps", "mild", "severe"] = "steps"
+    """Stop before `steps` once the validation loss has reached this sub-phase (engine/analysis/phases.py) for
+    `until_patience` validations in a row: 'severe' trains through Stable and Mild into over-fitting, so a
+    sweep has a checkpoint of every sub-phase to branch from. 'steps': run all `steps`."""
+    until_patience: int = 2
+    """Validations in a row at or past the `until` sub-phase (a single spike of the loss is not over-fitting)."""
     global_batch_size: int = 512
     """Sequences per optimizer step, summed over all ranks (the paper uses 512)."""
     micro_batch_tokens: int = 16384
@@ -60,6 +66,10 @@ class SFTConfig:
         for name in ("warmup_steps", "val_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"sft.{name} must be >= 0, got {getattr(self, name)}")
+        if self.until != "steps" and not self.val_every:
+            raise ValueError(f"sft.until={self.until!r} needs validations: set sft.val_every > 0")
+        if self.until_patience < 1:
+            raise ValueError(f"sft.until_patience must be >= 1, got {self.until_patience}")
         if not 0 < self.subphase_d1 < self.subphase_d2:
             raise ValueError("sft: need 0 < subphase_d1 < subphase_d2")
 

@@ -9,7 +9,7 @@ value followed by `num_ops` operations, each operand having `num_digits` digits:
     answer:   "31"
 
 Difficulty level = (num_ops, num_digits). `difficulty_mix` weights the levels of the SFT train and
-validation sets: "uniform" (all levels equally), "easy" (weight 1 - s + 0.1) or "hard" (s + 0.1),
+validation sets (`val_mix` gives validation its own): "uniform" (all levels equally), "easy" (weight 1 - s + 0.1) or "hard" (s + 0.1),
 where s in [0, 1] is the level's normalised difficulty. The RL prompt set and the eval set use their
 own mixes (uniform by default), so easy/hard/small/large SFT runs share the same RL and eval sets.
 
@@ -70,7 +70,10 @@ class SyntheticTaskConfig:
     max_digits: int = 2
     """Most digits per number."""
     difficulty_mix: Mix = "uniform"
-    """Level weights of train/val: 'uniform', 'easy' or 'hard'."""
+    """Level weights of train (and of val unless `val_mix` is set): 'uniform', 'easy' or 'hard'."""
+    val_mix: Mix | None = None
+    """Level weights of val (None: `difficulty_mix`). Set it to compare validation losses across scenes of
+    different mixes: the val split is drawn before train, so scenes with one `val_mix` share one val set."""
     rl_mix: Mix = "uniform"
     """Level weights of the RL prompt set."""
     eval_mix: Mix = "uniform"
@@ -93,8 +96,8 @@ class SyntheticTaskConfig:
                 raise ValueError(
                     f"SyntheticTaskConfig.{hi} must be an integer in [{lo}={a}, {top}], got {b!r}"
                 )
-        for name in ("difficulty_mix", "rl_mix", "eval_mix"):
-            if getattr(self, name) not in MIXES:
+        for name in ("difficulty_mix", "rl_mix", "eval_mix", "val_mix"):
+            if getattr(self, name) not in MIXES and not (name == "val_mix" and self.val_mix is None):
                 raise ValueError(
                     f"SyntheticTaskConfig.{name} must be one of {MIXES}, got {getattr(self, name)!r}"
                 )
@@ -190,7 +193,7 @@ def task_problems(cfg: SyntheticTaskConfig, splits: Iterable[str] = SPLITS) -> s
 
 def _draw_task(cfg: SyntheticTaskConfig) -> tuple[dict[str, list[dict]], dict[str, list[Problem]]]:
     sizes = {"train": cfg.num_train, "val": cfg.num_val, "rl": cfg.num_rl, "eval": cfg.num_eval}
-    mixes = {"train": cfg.difficulty_mix, "val": cfg.difficulty_mix, "rl": cfg.rl_mix, "eval": cfg.eval_mix}
+    mixes = {"train": cfg.difficulty_mix, "val": cfg.val_mix or cfg.difficulty_mix, "rl": cfg.rl_mix, "eval": cfg.eval_mix}
     seen: set[Problem] = set()
     out: dict[str, list[dict]] = {}
     problems: dict[str, list[Problem]] = {split: [] for split in SPLITS}

@@ -12,9 +12,10 @@ communication is needed for it, and the result does not depend on how the batch 
 
 Every `val_every` steps the validation loss (same token-mean) is computed and the SFT sub-phase
 (Adaptive / Stable / Mild / Severe, engine/analysis/phases.py) is logged; the minimum-validation-loss
-checkpoint is kept. Checkpoints hold model, optimizer, scheduler, RNG and the data position (samples
-consumed), so a resumed run replays exactly the losses of an uninterrupted one; resumed with another
-`global_batch_size`, the data goes on from the saved position (logged).
+checkpoint is kept. With `sft.until: severe` (or `mild`) the run stops once that sub-phase is reached for
+`sft.until_patience` validations in a row, `sft.steps` being the cap. Checkpoints hold model, optimizer,
+scheduler, RNG and the data position (samples consumed), so a resumed run replays exactly the losses of an
+uninterrupted one; resumed with another `global_batch_size`, the data goes on from the saved position (logged).
 A non-finite loss or gradient norm stops the run before the update, names the step and the
 micro-batch's sample ids, and leaves the last good checkpoint as it was.
 """
@@ -30,7 +31,7 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from engine import flops as flops_lib
-from engine.analysis.phases import current_subphase
+from engine.analysis.phases import current_subphase, subphase_reached
 from engine.config import SFTJobConfig
 from engine.data.packing import IGNORE_INDEX, PackedBatch, collate_packed, pack_for_ranks
 from engine.data.synthetic import write_task
@@ -223,6 +224,17 @@ class SFTTrainer(FitLoop):
             record.setdefault("compute/exaflops", self.state["exaflops"])
         return record
 
+    def fit(self, stop_after_step: int | None = None, stop_when=None, pause_at: int | None = None) -> dict[str, object]:
+        """FitLoop.fit, with `sft.until` as a stop rule beside the caller's (the pipeline's switch)."""
+        return super().fit(stop_after_step, _either(stop_when, self._until_reached), pause_at)
+
+    def _until_reached(self, history: list[dict]) -> str | None:
+        cfg = self.cfg
+        if cfg.until == "steps":
+            return None
+        return subphase_reached([h["val_loss"] for h in history], cfg.until.capitalize(), cfg.subphase_d1,
+                                cfg.subphase_d2, cfg.until_patience)
+
     def must_save(self, record: dict[str, object]) -> bool:
         return bool(record.get("val/is_best") and self.cfg.save_best)
 
@@ -240,6 +252,12 @@ class SFTTrainer(FitLoop):
             log.info("SFT done: %d steps, %.4g EFLOPs; min val loss %s", self.step, self.state["exaflops"],
                      f"{best['val_loss']:.4f} at step {best['step']}" if best else "n/a")
         return summary
+
+
+def _either(*rules):
+    """One stop rule from several: the first reason given."""
+    rules = [r for r in rules if r is not None]
+    return lambda history: next((reason for r in rules if (reason := r(history))), None)
 
 
 def run_sft(job: SFTJobConfig, stop_after_step: int | None = None) -> dict[str, object]:

@@ -17,15 +17,19 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from engine.analysis import classify_subphases
+from engine.analysis import FitResult, classify_subphases
 from engine.analysis.findings import (
+    IDENTIFIED_SE,
+    SMOOTH,
     SceneOutcome,
     Score,
     Verdict,
-    final_score,
+    branch_score,
     judge_paradigms,
     judge_scenes,
     judge_switch_points,
+    pass1_se,
+    smoothed_max,
 )
 from engine.plots import A_POST_COLOR, PHASE_COLORS, SFT_COLOR, plot_paradigms
 from engine.rundir.files import write_json_atomic
@@ -47,8 +51,21 @@ def _sft_exaflops(st: dict, step: int) -> float:
     return next((h["exaflops"] for h in st["sft"]["val_history"] if h["step"] == step), 0.0)
 
 
-def judge_study(job, state: dict, a_posts: dict[str, dict[int, tuple[float, float]]]) -> list[Verdict]:
-    """The three verdicts. `a_posts[scene][sft_step] = (A_post, se)` from the fits (may be empty)."""
+def _fit(fits: dict, step: int) -> FitResult | None:
+    fit = fits.get(step)
+    return fit if isinstance(fit, FitResult) else None
+
+
+def branch_scores(st: dict, fits: dict) -> dict[int, Score]:
+    """Each RL branch from an SFT checkpoint: what it reaches (`branch_score`), by SFT step."""
+    n = st.get("n_eval") or 1
+    return {r["init_step"]: branch_score(r["eval_history"], n, _fit(fits, r["init_step"]),
+                                         pass1_se(st["sft_pass1"][str(r["init_step"])], n))
+            for k, r in st.get("rl", {}).items() if k.startswith("rl/") and r["init_step"] > 0 and r["eval_history"]}
+
+
+def judge_study(job, state: dict, fits: dict[str, dict]) -> list[Verdict]:
+    """The three verdicts. `fits[scene][sft_step]`: the branch's FitResult (or FitError) from the report."""
     verdicts = []
     paradigm_scenes = [s for s in job.sweep.scenes if any(k == "rl/0" or k.startswith("baseline/")
                                                          for k in state["scenes"][s.name].get("rl", {}))]
@@ -60,23 +77,24 @@ def judge_study(job, state: dict, a_posts: dict[str, dict[int, tuple[float, floa
             verdicts.append(Verdict("1", "inconclusive", f"no RL branch from the min-val-loss step {best}"))
             break
         n = st.get("n_eval") or 1
-        seq = final_score(runs[f"rl/{best}"]["eval_history"], n, offset=_sft_exaflops(st, best))
-        others = {_label(k, r): final_score(r["eval_history"], n) for k, r in runs.items()
+        seq = smoothed_max(runs[f"rl/{best}"]["eval_history"], n, offset=_sft_exaflops(st, best))
+        others = {_label(k, r): smoothed_max(r["eval_history"], n) for k, r in runs.items()
                   if (k == "rl/0" or k.startswith("baseline/")) and r["eval_history"]}
         v = judge_paradigms(seq, others)
-        v.reason = f"scene `{spec.name}`: " + v.reason
+        v.reason = f"scene `{spec.name}`, each run's smoothed maximum within the matched budget: " + v.reason
         verdicts.append(v)
     if not verdicts:
         verdicts.append(Verdict("1", "inconclusive", "no scene runs pure RL or a synchronized baseline"))
-    per_scene = []
+    per_scene, scores = [], {s.name: branch_scores(state["scenes"][s.name], fits.get(s.name, {}))
+                             for s in job.sweep.scenes}
     for spec in job.sweep.scenes:
-        st = state["scenes"][spec.name]
-        labels, n = scene_labels(job, st), st.get("n_eval") or 1
-        branches = [(r["init_step"], labels[r["init_step"]], final_score(r["eval_history"], n))
-                    for k, r in sorted(st.get("rl", {}).items(), key=lambda kv: kv[1]["init_step"])
-                    if k.startswith("rl/") and r["init_step"] > 0 and r["eval_history"]]
+        labels = scene_labels(job, state["scenes"][spec.name])
+        branches = [(step, labels[step], sc) for step, sc in sorted(scores[spec.name].items())]
         if len(branches) >= 3:
             v = judge_switch_points(branches)
+            missing = [p for p in ("Adaptive", "Mild", "Severe") if p not in labels.values()]
+            if missing:
+                v.reason += f" (no {'/'.join(missing)} checkpoint in this scene)"
             per_scene.append((spec.name, v))
     if per_scene:
         order = {"reproduced": 0, "inconclusive": 1, "not reproduced": 2}
@@ -91,16 +109,15 @@ def judge_study(job, state: dict, a_posts: dict[str, dict[int, tuple[float, floa
     outcomes = []
     for spec in job.sweep.scenes:
         st = state["scenes"][spec.name]
-        n = st.get("n_eval") or 1
-        scores = [final_score(r["eval_history"], n) for k, r in st.get("rl", {}).items()
-                  if k.startswith("rl/") and r["init_step"] > 0 and r["eval_history"]]
-        if not scores:
+        if not scores[spec.name]:
             continue
         t = job.data.synthetic
-        fitted = [a for a, _ in a_posts.get(spec.name, {}).values() if math.isfinite(a)]
+        fitted = [f.A_post for f in fits.get(spec.name, {}).values()
+                  if isinstance(f, FitResult) and math.isfinite(f.A_post)]
         outcomes.append(SceneOutcome(spec.name, spec.num_train or t.num_train, spec.difficulty_mix or t.difficulty_mix,
                                      min(h["val_loss"] for h in st["sft"]["val_history"]),
-                                     max(scores, key=lambda s: s.value), max(fitted) if fitted else None))
+                                     max(scores[spec.name].values(), key=lambda s: s.value),
+                                     max(fitted) if fitted else None))
     verdicts.append(judge_scenes(outcomes))
     return verdicts
 
@@ -108,29 +125,31 @@ def judge_study(job, state: dict, a_posts: dict[str, dict[int, tuple[float, floa
 # ---------------------------------------------------------------- figures
 
 
-def plot_switch(job, state: dict, scenes: list[str], a_posts: dict, path: Path) -> None:
+def plot_switch(job, state: dict, scenes: list[str], fits: dict, path: Path) -> None:
     fig = Figure(figsize=(max(4.0, 3.6 * len(scenes)), 3.8), layout="constrained")
     axes = fig.subplots(1, len(scenes), squeeze=False)[0]
     for ax, scene in zip(axes, scenes):
         st = state["scenes"][scene]
-        labels, n = scene_labels(job, st), st.get("n_eval") or 1
-        runs = sorted((r for k, r in st["rl"].items() if k.startswith("rl/") and r["init_step"] > 0),
+        labels, scores = scene_labels(job, st), branch_scores(st, fits.get(scene, {}))
+        runs = sorted((r for k, r in st["rl"].items() if k.startswith("rl/") and r["init_step"] in scores),
                       key=lambda r: r["init_step"])
         for i, r in enumerate(runs):
-            step, sc = r["init_step"], final_score(r["eval_history"], n)
-            ax.bar(i, sc.value, yerr=sc.se, color=PHASE_COLORS[labels[step]], edgecolor="#555555", capsize=3)
+            step, sc = r["init_step"], scores[r["init_step"]]
+            ax.bar(i, sc.value, yerr=sc.se, color=PHASE_COLORS[labels[step]], edgecolor="#555555", capsize=3,
+                   hatch="" if sc.rule == "A_post" else "//")
             ax.plot(i, st["sft_pass1"][str(step)], "_", color=SFT_COLOR, ms=14, mew=2)
-            a = a_posts.get(scene, {}).get(step)
-            if a and math.isfinite(a[0]):
-                ax.plot(i, min(a[0], 100.0), "D", color=A_POST_COLOR, ms=4)
+            fit = _fit(fits.get(scene, {}), step)
+            if fit is not None and math.isfinite(fit.A_post):
+                ax.plot(i, min(fit.A_post, 100.0), "D", color=A_POST_COLOR, ms=4)
         ax.set_xticks(range(len(runs)), [f"{r['init_step']}\n{labels[r['init_step']][:5]}" for r in runs],
                       fontsize=7)
         ax.set_title(scene, fontsize=9)
         ax.set_ylim(0, 100)
-    axes[0].set_ylabel("pass@1 after RL (%) ±1 SE")
+    axes[0].set_ylabel("what the branch reaches (%) ±1 SE")
     handles = [Patch(facecolor=color, edgecolor="#555555", label=label) for label, color in PHASE_COLORS.items()]
     handles += [Line2D([], [], ls="", marker="_", color=SFT_COLOR, ms=10, mew=2, label="before RL (P_sft)"),
-                Line2D([], [], ls="", marker="D", color=A_POST_COLOR, ms=4, label="fitted A_post")]
+                Line2D([], [], ls="", marker="D", color=A_POST_COLOR, ms=4, label="fitted A_post"),
+                Patch(facecolor="white", edgecolor="#555555", hatch="//", label="smoothed max (fit not identified)")]
     axes[0].legend(handles=handles, fontsize=6, loc="upper left")
     fig.suptitle("Finding 2: switch point (SFT step, sub-phase) vs pass@1 after the same RL", fontsize=10)
     fig.savefig(path, dpi=110)
@@ -147,7 +166,7 @@ def plot_scenes(verdict: Verdict, path: Path) -> None:
     for mix, m in MARKERS.items():
         ax.plot([], [], m, color=A_POST_COLOR, label=f"{mix} mix")
     ax.set_xlabel("minimum SFT validation loss")
-    ax.set_ylabel("best pass@1 after RL (%) ±1 SE")
+    ax.set_ylabel("the best branch's score (%) ±1 SE")
     ax.set_title("Finding 3: the minimum validation loss vs the ceiling, per scene", fontsize=10)
     ax.legend(fontsize=7)
     fig.savefig(path, dpi=110)
@@ -158,7 +177,7 @@ def plot_scenes(verdict: Verdict, path: Path) -> None:
 
 def _cell(v) -> str:
     if isinstance(v, Score):
-        return str(v)
+        return f"{v} ({v.rule})"
     if isinstance(v, float):
         return "n/a" if not math.isfinite(v) else f"{v:.4g}"
     return "n/a" if v is None else str(v)
@@ -173,9 +192,10 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def findings_markdown(job, root: Path, state: dict, a_posts: dict) -> str:
-    """The '## Findings' section; writes the three figures and findings.json under `root`."""
-    verdicts = judge_study(job, state, a_posts)
+def findings_markdown(job, root: Path, state: dict, fits: dict) -> str:
+    """The '## Findings' section; writes the three figures and findings.json under `root`. `fits[scene][step]`:
+    each branch's FitResult or FitError."""
+    verdicts = judge_study(job, state, fits)
     v1, v2, v3 = verdicts
     figs = []
     paradigm = next((s.name for s in job.sweep.scenes if any(k == "rl/0" or k.startswith("baseline/")
@@ -186,12 +206,12 @@ def findings_markdown(job, root: Path, state: dict, a_posts: dict) -> str:
         figs.append("![finding 1](finding1_paradigms.png)")
     switch_scenes = sorted({r["scene"] for r in v2.rows})
     if switch_scenes:
-        plot_switch(job, state, switch_scenes, a_posts, root / "finding2_switch.png")
+        plot_switch(job, state, switch_scenes, fits, root / "finding2_switch.png")
     if v3.rows:
         plot_scenes(v3, root / "finding3_scenes.png")
     write_json_atomic(root / "findings.json", [
         {"finding": v.finding, "verdict": v.verdict, "reason": v.reason,
-         "rows": [{k: ({"value": x.value, "se": x.se, "compute_eflops": x.compute} if isinstance(x, Score) else x)
+         "rows": [{k: ({"value": x.value, "se": x.se, "rule": x.rule, "compute_eflops": x.compute} if isinstance(x, Score) else x)
                    for k, x in r.items()} for r in v.rows]} for v in verdicts])
     claims = {"1": "Sequential SFT-then-RL reaches a higher ceiling than pure RL and the synchronized methods at "
                    "matched compute.",
@@ -201,12 +221,15 @@ def findings_markdown(job, root: Path, state: dict, a_posts: dict) -> str:
                    "loss predicts the ceiling across scenes."}
     figure = {"1": "\n".join(figs), "2": "![finding 2](finding2_switch.png)" if switch_scenes else "",
               "3": "![finding 3](finding3_scenes.png)" if v3.rows else ""}
-    parts = ["""## Findings
+    parts = [f"""## Findings
 
-Each finding is judged on measured pass@1 after RL: the mean of a run's last two evaluations, ± one standard
-error from the evaluation set (sqrt(p(1-p)/prompts), an upper bound for any number of samples per prompt).
-Two numbers differ when they are more than 2 standard errors of their difference apart. A_post (the fitted
-ceiling, ± the fit's standard error) is in the tables below; a tiny branch gives its fit few points.
+Each RL branch is scored by what it reaches (engine/analysis/findings.py `branch_score`): its fitted ceiling
+A_post ± the fit's standard error where the fit is identified (SE <= {IDENTIFIED_SE:g} points, A_post in [0, 100], A not at the
+fit's bound, the sigmoid's midpoint inside the compute the branch ran), else its smoothed maximum, the best mean of {SMOOTH}
+consecutive evaluations ± the evaluation set's standard error of that mean (sqrt(p(1-p)/prompts), an upper bound
+for any number of samples per prompt). The tables say which rule gave each number. At matched compute (finding 1)
+every run is scored by its smoothed maximum within the budget, since an asymptote would leave the budget. Two
+numbers differ when they are more than 2 standard errors of their difference apart.
 
 | finding | verdict |
 | --- | --- |

@@ -1,16 +1,17 @@
 """`ceiling sweep CONFIG`: the paper's study in miniature on the synthetic math task, in items that one
 process or many workers run.
 
-    ceiling sweep configs/sweep-tiny.yaml                       # one process, CPU, 2 cores: about 80 minutes
+    ceiling sweep configs/sweep-tiny.yaml                       # one process, CPU (README: two workers)
     ceiling sweep configs/sweep-tiny.yaml --set sft.steps=100 --set sweep.branches=2
     ceiling sweep configs/sweep-tiny.yaml --plan                # the items, their dependencies and status
     ceiling sweep configs/sweep-tiny.yaml --worker [--nproc-per-node 8]   # one of N workers (any host)
     ceiling sweep configs/sweep-tiny.yaml --slurm --workers 8 --gpus-per-worker 8   # writes <run>/sweep.sbatch
 
 Items of one scene (`sweep.scenes`, each a variant of `data.synthetic`), run in `runs/<name>/<scene>/`:
-  <scene>/sft           SFT with a checkpoint at every validation (all kept): the sub-phases of the val loss;
-                        it picks the RL branches: `sweep.branches` validations spread evenly, the min-val-loss
-                        one always among them.
+  <scene>/sft           SFT with a checkpoint at every validation (all kept), until `sft.until` (e.g. Severe)
+                        or the `sft.steps` cap: the sub-phases of the val loss. A Stable-to-Severe jump is
+                        replayed step by step (`fill_mild`) so that Mild has a checkpoint. It picks the RL
+                        branches (`sweep.branch_rule`), the min-val-loss one always among them.
   <scene>/sft_eval      pass@1 of the base model and of every SFT checkpoint (P_sft)       after <scene>/sft
   <scene>/rl/<k>        an RL branch (rl.algorithm) from SFT checkpoint k                 after <scene>/sft
   <scene>/rl/0          pure RL from the base model
@@ -36,6 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -78,10 +80,11 @@ def select_branches(steps: list[int], best: int | None, k: int) -> list[int]:
 
 
 def select_branches_by_subphase(steps: list[int], labels: list[str], best: int, k: int) -> list[int]:
-    """One SFT step per sub-phase present (Adaptive: middle of its span; Stable: `best`; Mild: middle; Severe:
-    the last validation), then the evenly spread ones (`select_branches`) until there are `k`."""
+    """One SFT step per sub-phase present (Stable: `best`; Mild: the middle of its span; Adaptive: middle;
+    Severe: the last validation), in that order (the paper's two recommended switch points first), then the
+    evenly spread ones (`select_branches`) until there are `k`."""
     chosen = [best]
-    for phase in ("Adaptive", "Mild", "Severe"):
+    for phase in ("Mild", "Adaptive", "Severe"):
         span = [s for s, lab in zip(steps, labels) if lab == phase]
         if span and len(chosen) < k:
             chosen.append(span[-1] if phase == "Severe" else span[(len(span) - 1) // 2])
@@ -92,6 +95,13 @@ def select_branches_by_subphase(steps: list[int], labels: list[str], best: int, 
             chosen.append(step)
     return sorted(chosen)
 
+
+def sft_eval_steps(sft: dict, every: int) -> list[int]:
+    """The SFT steps whose pass@1 the sweep measures: the base model (0), every branch's checkpoint, and the
+    validations at multiples of `every` (0: all of them), the last one included."""
+    steps = [h["step"] for h in sft["sft"]["val_history"]]
+    keep = set(sft["branches"]) | {0, steps[-1]}
+    return [0] + [s for s in steps if s in keep or not every or s % every == 0]
 
 
 class Sweep:
@@ -167,7 +177,9 @@ class Sweep:
     def run_dirs(self, name: str) -> list[Path]:
         """The run directories an item writes (their run locks are cleared when a stale item is taken over)."""
         scene, kind, *rest = name.split("/")
-        sub = {"sft": "sft", "sft_eval": None, "rl": f"rl_{rest[0] if rest else 0}",
+        if kind == "sft":
+            return [self.root / scene / "sft", self.root / scene / "sft_fill"]
+        sub = {"sft_eval": None, "rl": f"rl_{rest[0] if rest else 0}",
                "baseline": f"baseline_{rest[0] if rest else ''}"}[kind]
         return [self.root / scene / sub] if sub else []
 
@@ -243,16 +255,22 @@ class Sweep:
                      if v is not None}
         return replace(self.job.data, synthetic=replace(self.job.data.synthetic, **overrides))
 
-    def run_sft(self, spec: SceneSpec) -> dict:
+    def sft_job(self, spec: SceneSpec) -> SFTJobConfig:
+        """The scene's SFT: a checkpoint at every validation, all kept."""
         job = self.job
         sft = replace(job.sft, checkpoint_every=job.sft.val_every, keep_checkpoints=0, save_best=True,
                       export_hf=False)
-        sft_job = SFTJobConfig(run=replace(job.run, output_dir=str(self.root / spec.name), name="sft"),
-                               model=job.model, data=self.scene_data(spec), sft=sft, kernels=job.kernels, fsdp=job.fsdp)
+        return SFTJobConfig(run=replace(job.run, output_dir=str(self.root / spec.name), name="sft"),
+                            model=job.model, data=self.scene_data(spec), sft=sft, kernels=job.kernels, fsdp=job.fsdp)
+
+    def run_sft(self, spec: SceneSpec) -> dict:
+        job, sft_job = self.job, self.sft_job(spec)
+        sft = sft_job.sft
         summary = SFTTrainer(sft_job).fit()
         destroy_distributed()
         if not summary["val_history"]:
             raise ValueError("sweep: SFT recorded no validation (need sft.val_every > 0 and a val split)")
+        summary = self.fill_mild(spec, sft_job, summary)
         steps = [h["step"] for h in summary["val_history"]]
         k = spec.branches or job.sweep.branches
         if job.sweep.branch_rule == "subphase":
@@ -262,10 +280,54 @@ class Sweep:
         else:
             branches = select_branches(steps, summary["best"]["step"], k)
         log.info("sweep %s: RL branches from SFT steps %s", spec.name, branches)
-        return {"sft": {k: summary[k] for k in ("steps", "exaflops", "best", "val_history")}, "branches": branches}
+        record = {k: summary[k] for k in ("steps", "exaflops", "best", "val_history")}
+        record["until"] = {"target": sft.until, "cap": sft.steps, "stopped": summary["stopped"],
+                           "filled": summary.get("filled")}
+        return {"sft": record, "branches": branches}
+
+    def fill_mild(self, spec: SceneSpec, sft_job: SFTJobConfig, summary: dict) -> dict:
+        """When the validation loss went from Stable straight to Severe (the Mild band fell between two
+        validations), replay the steps between them from the last Stable checkpoint in `<scene>/sft_fill`, with a
+        validation and a checkpoint at every step, and merge those validations into the summary. Resume is
+        exact, so the replayed steps are the run's own; the gap's checkpoints are found by `sft_checkpoint`."""
+        cfg = sft_job.sft
+        history = summary["val_history"]
+        labels = classify_subphases([h["val_loss"] for h in history], cfg.subphase_d1, cfg.subphase_d2)
+        if "Mild" in labels or "Severe" not in labels:
+            return summary
+        last = max(i for i, lab in enumerate(labels) if lab == "Stable")
+        start, end = history[last]["step"], history[last + 1]["step"]
+        if end - start < 2:
+            return summary
+        log.info("sweep %s: the validation loss went from Stable (step %d) to Severe (step %d) with no Mild "
+                 "validation: replaying steps %d-%d with a validation and checkpoint at each", spec.name, start, end,
+                 start + 1, end - 1)
+        fill_root = self.root / spec.name / "sft_fill" / "checkpoints"
+        if not (fill_root / checkpoint_name(start)).is_dir():  # seed the replay with the last Stable checkpoint (hard links: never rewritten)
+            seed = fill_root / f"{checkpoint_name(start)}.tmp"  # a crash leaves a .tmp, which resume removes
+            shutil.rmtree(seed, ignore_errors=True)
+            shutil.copytree(self.sft_checkpoint(spec.name, start), seed, copy_function=os.link)
+            seed.rename(fill_root / checkpoint_name(start))
+        fill_job = replace(sft_job, run=replace(sft_job.run, name="sft_fill"),
+                           sft=replace(cfg, until="steps", val_every=1, checkpoint_every=1))
+        filled = SFTTrainer(fill_job).fit(pause_at=end - 1)
+        destroy_distributed()
+        merged = sorted(history + [h for h in filled["val_history"] if start < h["step"] < end],
+                        key=lambda h: h["step"])
+        best = min(merged, key=lambda h: h["val_loss"])
+        return dict(summary, val_history=merged, best={"step": best["step"], "val_loss": best["val_loss"]},
+                    filled=[start + 1, end - 1])
+
+    def sft_checkpoint(self, scene: str, step: int) -> Path:
+        """SFT checkpoint `step` of `scene`: the run's own, or one of the replayed gap's (`fill_mild`)."""
+        for run in ("sft", "sft_fill"):
+            path = self.root / scene / run / "checkpoints" / checkpoint_name(step)
+            if path.is_dir():
+                return path
+        raise ConfigError(f"sweep: {scene}: no SFT checkpoint of step {step} in {self.root / scene}/sft(_fill)")
 
     def run_sft_eval(self, spec: SceneSpec, sft: dict) -> dict:
-        """pass@1 (%) of the base model ("0") and every SFT checkpoint, one at a time, on one rollout backend
+        """pass@1 (%) of the base model ("0") and the SFT checkpoints (`sft_eval_steps`), one at a time, on one rollout backend
         (`rollout.backend`, the run's device): it starts with the base weights and receives each checkpoint by
         `sync_weights`. Resumable through `<scene>/sft_eval.partial.json`."""
         from engine.config import EvalConfig
@@ -277,7 +339,7 @@ class Sweep:
         partial_path = self.root / spec.name / "sft_eval.partial.json"
         partial = read_json(partial_path) or {"sft_pass1": {}, "n_eval": None}
         scores = partial["sft_pass1"]
-        todo = [s for s in [0] + [h["step"] for h in sft["sft"]["val_history"]] if str(s) not in scores]
+        todo = [s for s in sft_eval_steps(sft, sweep.sft_eval_every) if str(s) not in scores]
         if not todo:
             return {"sft_pass1": scores, "n_eval": partial["n_eval"]}
         tokenizer = load_tokenizer(job.model.tokenizer)
@@ -286,7 +348,6 @@ class Sweep:
                          batch_size=job.rl.rollout_batch_size, reward_workers=job.rl.reward_workers)
         bench = Benchmark.load("eval", self.root / spec.name / "sft" / "data" / "eval.jsonl", tokenizer,
                                cfg.max_prompts)
-        ckpts = self.root / spec.name / "sft" / "checkpoints"
         info = init_distributed(job.run.device)
         rollout = eval_rollout(job.rollout, job.model, tokenizer, info, workdir=self.root / spec.name / "sft_eval",
                                seed=job.run.seed, max_model_len=Benchmark.max_model_len([bench], cfg.max_new_tokens),
@@ -294,7 +355,7 @@ class Sweep:
         try:
             for version, step in enumerate(todo, start=1):
                 if step:
-                    model = load_checkpoint_model(ckpts / checkpoint_name(step), job.model)
+                    model = load_checkpoint_model(self.sft_checkpoint(spec.name, step), job.model)
                     rollout.sync_weights(model, version)
                     del model
                 result = evaluate(rollout, [bench], cfg, seed=job.run.seed)
@@ -311,9 +372,7 @@ class Sweep:
     def rl_job(self, spec: SceneSpec, key: str, algorithm: str, init_step: int | None) -> tuple[RLJobConfig, dict | None]:
         """Item `key` as an RL job (with the sweep's rollout, kernels and FSDP sections) and its compute budget."""
         job = self.job
-        ckpt = self.root / spec.name / "sft" / "checkpoints" / checkpoint_name(init_step) if init_step else None
-        if ckpt is not None and not ckpt.is_dir():
-            raise ConfigError(f"sweep: {key}: the SFT checkpoint {ckpt} does not exist")
+        ckpt = self.sft_checkpoint(spec.name, init_step) if init_step else None
         name = f"rl_{init_step or 0}" if "/rl/" in key else f"baseline_{algorithm}"
         rl = replace(job.rl, algorithm=algorithm, init_checkpoint=str(ckpt) if ckpt else None)
         budget = self.matched_budget(spec.name) if not init_step else None

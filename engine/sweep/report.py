@@ -27,6 +27,7 @@ from engine.analysis import (
 )
 from engine.analysis.early_stop import decide
 from engine.analysis.findings import a_post_se, pass1_se
+from engine.analysis.phases import SUBPHASES
 from engine.analysis.report import early_stop_markdown, rows_from
 from engine.plots import GFLOPS_PER_EFLOPS, plot_a_post, plot_paradigms
 from engine.rundir.files import write_json_atomic
@@ -43,7 +44,8 @@ def _point(p: float) -> dict:
 
 def scene_json(name: str, st: dict) -> dict:
     """A sweep scene in the RETU format: sft = base + every SFT checkpoint, rl = {"0": pure RL, "<step>": ...}."""
-    history, pass1 = st["sft"]["val_history"], st["sft_pass1"]
+    pass1 = st["sft_pass1"]
+    history = [h for h in st["sft"]["val_history"] if str(h["step"]) in pass1]  # the evaluated checkpoints
     cache = {"0": 0.0} | {str(h["step"]): _gf(h["exaflops"]) for h in history}
     sft = [{"exaflops": 0.0, **_point(pass1["0"])}]
     sft += [{"exaflops": cache[str(h["step"])], **_point(pass1[str(h["step"])])} for h in history]
@@ -70,6 +72,23 @@ def scene_json(name: str, st: dict) -> dict:
 
 def _n(v: float | None, digits: int = 2) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def sft_end(sft: dict, labels: list[str]) -> str:
+    """How a scene's SFT ended (`sft.until`), and the sub-phases it has no checkpoint in."""
+    until = sft.get("until") or {"target": "steps"}
+    missing = [p for p in SUBPHASES if p not in labels]
+    gap = f" No {'/'.join(missing)} checkpoint to branch from." if missing else ""
+    if until["target"] == "steps":
+        return gap.strip()
+    filled = until.get("filled")
+    if filled:
+        gap = (f" The loss went from Stable to Severe between two validations, so steps {filled[0]}-{filled[1]} were "
+               f"replayed from the Stable checkpoint with a validation at each (`sft_fill/`).") + gap
+    if until["stopped"]:
+        return f"It stopped at step {until['stopped']['step']}: {until['stopped']['reason']}.{gap}"
+    return (f"**It hit its cap of {until['cap']} steps before reaching the {until['target'].capitalize()} "
+            f"sub-phase**: sub-phases seen {', '.join(p for p in SUBPHASES if p in labels)}.{gap}")
 
 
 def scene_table(st: dict, results: dict, subphase: dict[int, str]) -> tuple[str, list[dict]]:
@@ -107,7 +126,7 @@ def scene_table(st: dict, results: dict, subphase: dict[int, str]) -> tuple[str,
 def write_sweep_report(job, root: Path, state: dict) -> Path:
     from engine.sweep.findings_report import findings_markdown
 
-    sections, tables, pairs, skipped, a_posts = [], [], [], [], {}
+    sections, tables, pairs, skipped, a_posts, fits = [], [], [], [], {}, {}
     cfg, pb = job.sft, per_branch_rule(job.sweep)
     for spec in job.sweep.scenes:
         st, out = state["scenes"][spec.name], root / spec.name
@@ -125,12 +144,14 @@ def write_sweep_report(job, root: Path, state: dict) -> Path:
             replayed = replay_scene(scene, per_branch_rule(job.sweep))
             replay = early_stop_markdown(replayed, compute_unit="GFLOPs") + "\n" + decide(replayed).summary() + "\n"
         table, rows = scene_table(st, results, subphase)
+        fits[spec.name] = results
         a_posts[spec.name] = {r["sft_step"]: (r["A_post"], r["A_post_se"]) for r in rows
                               if r["A_post"] is not None and r["sft_step"] > 0}
         (out / "table.md").write_text(f"### scene `{spec.name}`\n\n{table}")
         write_json_atomic(out / "table.json", rows)
         xs = [_gf(h["exaflops"]) for h in history]
-        sft_curve = [(0.0, st["sft_pass1"]["0"])] + [(x, st["sft_pass1"][str(h["step"])]) for x, h in zip(xs, history)]
+        sft_curve = [(0.0, st["sft_pass1"]["0"])] + [(x, st["sft_pass1"][str(h["step"])]) for x, h in zip(xs, history)
+                                                     if str(h["step"]) in st["sft_pass1"]]
         plot_a_post(rows_from(results, scene) if scene is not None else [], out / "a_post.png", spec.name,
                     unit="GFLOPs", sft_curve=sft_curve, subphases=list(zip(xs, labels)))
         plot_paradigms(st, out / "paradigms.png", f"{spec.name}: performance vs total compute")
@@ -141,7 +162,7 @@ def write_sweep_report(job, root: Path, state: dict) -> Path:
         else:
             skipped.append(spec.name)
         val_rows = "\n".join(f"| {h['step']} | {h['val_loss']:.4f} | {lab} | {_gf(h['exaflops']):.2f} | "
-                             f"{st['sft_pass1'][str(h['step'])]:.2f} |" for h, lab in zip(history, labels))
+                             f"{_n(st['sft_pass1'].get(str(h['step'])))} |" for h, lab in zip(history, labels))
         base_rows = "\n".join(f"| {r['algorithm'].upper()} | {r['steps']}/{r['planned_steps']} | "
                               f"{_gf(r['exaflops'], 4):.4g} | {100 * r['eval_history'][-1]['pass@1']:.2f} |"
                               for k, r in st.get("rl", {}).items() if k.startswith("baseline/") and r["eval_history"])
@@ -150,7 +171,7 @@ def write_sweep_report(job, root: Path, state: dict) -> Path:
         sections.append(f"""## Scene `{spec.name}`
 
 Task: {task}. SFT ran {st['sft']['steps']} steps ({_gf(st['sft']['exaflops']):.2f} GFLOPs); minimum validation
-loss {st['sft']['best']['val_loss']:.4f} at step {st['sft']['best']['step']}. RL branches ({job.rl.algorithm}) from
+loss {st['sft']['best']['val_loss']:.4f} at step {st['sft']['best']['step']}. {sft_end(st['sft'], labels)} RL branches ({job.rl.algorithm}) from
 SFT steps {st['branches']} and from the base model (step 0 = pure RL). pass@1 on {st.get('n_eval', '?')} eval
 prompts, T={job.rl.eval_temperature}, {job.sweep.eval_samples} sample(s) each for SFT checkpoints and
 {job.rl.eval_samples} for RL evaluations.
@@ -203,7 +224,7 @@ validation history): Stable L <= {1 + cfg.subphase_d1:.2f} L_min, Mild below {1 
 the last Stable point, Severe above, Adaptive before. Live early stopping of RL branches: {early}.
 "n/a": the branch has too few usable points for the fit (the reason is listed under the table).
 
-{findings_markdown(job, root, state, a_posts)}
+{findings_markdown(job, root, state, fits)}
 {"".join(sections)}
 ## Compute: spent vs a full sweep
 
