@@ -19,12 +19,12 @@ from engine.rundir.files import write_json_atomic
 from engine.rundir.metrics import read_metrics
 
 
-def _plot_sft(val_history, switch, d1, d2, path: Path) -> None:
+def _plot_sft(val_history, switch, d1, d2, path: Path, window: int = 1) -> None:
     steps = [h["step"] for h in val_history]
     losses = [h["val_loss"] for h in val_history]
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
-    shade_subphases(ax, steps, classify_subphases(losses, d1, d2))
+    shade_subphases(ax, steps, classify_subphases(losses, d1, d2, window))
     ax.plot(steps, losses, "o-", color=SFT_COLOR, ms=3, label="validation loss")
     ax.axvline(switch["step"], color="#c00000", ls="--", label=f"switch checkpoint (step {switch['step']})")
     if switch["sft_steps_run"] != switch["step"]:
@@ -99,7 +99,8 @@ def write_run_report(job, root: Path, state: dict) -> Path:
     eval_path = root / "rl" / "data" / "eval.jsonl"
     base = state.get("base", {}).get("pass@1", float("nan"))
     if history:
-        _plot_sft(history, switch, job.sft.subphase_d1, job.sft.subphase_d2, root / "sft_val_loss.png")
+        _plot_sft(history, switch, job.sft.subphase_d1, job.sft.subphase_d2, root / "sft_val_loss.png",
+                  job.sft.subphase_window)
     records = read_metrics(root / "rl" / "metrics.jsonl")
     _plot_rl(records, evals, root / "rl_curves.png")
     sft_p1, rl_p1 = (100 * evals[0]["pass@1"], 100 * evals[-1]["pass@1"]) if evals else (float("nan"),) * 2
@@ -110,8 +111,8 @@ def write_run_report(job, root: Path, state: dict) -> Path:
     if evals:
         write_json_atomic(root / "curves.json", retu_curves(job.run.name, switch, base, evals, n_eval))
     train = [r for r in records if "rollout/reward_mean" in r]
-    labels = classify_subphases([h["val_loss"] for h in history], job.sft.subphase_d1, job.sft.subphase_d2) \
-        if history else []
+    labels = classify_subphases([h["val_loss"] for h in history], job.sft.subphase_d1, job.sft.subphase_d2,
+                                job.sft.subphase_window) if history else []
     val_rows = "\n".join(f"| {h['step']} | {h['val_loss']:.4f} | {lab} | {h['exaflops'] * GFLOPS_PER_EFLOPS:.4g} |"
                          for h, lab in zip(history, labels))
     # Wall time of the RL phase from the records' timestamps (only every `log_every`-th step is logged, so a sum

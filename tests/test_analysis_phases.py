@@ -107,3 +107,19 @@ def test_subphase_reached_needs_patience_validations_at_or_past_the_target():
     assert subphase_reached([2.0, 1.0, 1.12, 0.9, 1.0], "Severe") is None  # a new minimum relabels the past
     with pytest.raises(ValueError, match="until must be"):
         subphase_reached(rising, "Stable")
+
+
+def test_a_window_reads_the_mean_of_neighbouring_validations():
+    from engine.analysis.phases import smooth_losses, smoothed_min
+
+    jitter = [2.0, 1.2, 1.0, 1.2, 1.2]  # a lone low point, then the loss back at its level
+    assert subphase_reached(jitter, "Severe") is not None  # raw: 2 validations 20% above the dip
+    assert subphase_reached(jitter, "Severe", window=3) is None  # means of 3: no over-fitting
+    assert classify_subphases(jitter, window=3)[-1] == "Mild"
+    rising = jitter + [1.4, 1.6, 1.8]  # a sustained rise is Severe either way
+    assert classify_subphases(rising, window=3)[-2:] == ["Severe", "Severe"]
+    assert smooth_losses([1.0, 2.0, 3.0, 4.0], 3).tolist() == [1.5, 2.0, 3.0, 3.5]  # centered, fewer at the ends
+    assert smooth_losses([1.0, 2.0, 3.0, 4.0], 3, centered=False).tolist() == [1.0, 1.5, 2.0, 3.0]  # trailing
+    assert smoothed_min([3.0, 1.0, 3.0, 1.6, 1.6, 1.6, 2.0], 3) == (4, pytest.approx(1.6))  # not the lone dip
+    reason = subphase_reached(rising, "Severe", window=3)
+    assert reason and "mean of the last 3" in reason

@@ -8,7 +8,8 @@ Given validation losses L_0..L_{n-1} (in order of SFT compute) and L_min = min_i
     Mild      (1 + d1) L_min < L_i < (1 + d2) L_min, after the last Stable point
     Severe    L_i >= (1 + d2) L_min, after the last Stable point       (over-fitting has set in)
 
-Defaults d1 = 0.02, d2 = 0.10 (the paper's 1.02 / 1.10 L_min bars). The minimum itself is always Stable,
+Defaults d1 = 0.02, d2 = 0.10 (the paper's 1.02 / 1.10 L_min bars). With `window` > 1 the rules read the
+mean of that many neighbouring validations (`smooth_losses`): centered for a finished run, trailing online. The minimum itself is always Stable,
 so every non-empty series has a Stable point. The rules only look at the series given, so they work
 online: call `current_subphase(losses_so_far)` after each validation. Earlier labels may change as a new
 minimum arrives; that is the nature of a relative bar.
@@ -41,9 +42,25 @@ def _check(losses: Sequence[float], d1: float, d2: float) -> np.ndarray:
     return arr
 
 
-def classify_subphases(losses: Sequence[float], d1: float = 0.02, d2: float = 0.10) -> list[str]:
-    """One label per loss: "Adaptive", "Stable", "Mild" or "Severe" (rules in the module docstring)."""
-    arr = _check(losses, d1, d2)
+def smooth_losses(losses: Sequence[float], window: int = 1, centered: bool = True) -> np.ndarray:
+    """Each loss replaced by the mean of `window` neighbouring validations: centered (a finished run) or
+    trailing (online, where the next validations are not known yet); fewer at the ends."""
+    arr = np.asarray(losses, dtype=float)
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if window == 1:
+        return arr
+    before = (window - 1) // 2 if centered else window - 1
+    after = window - 1 - before
+    return np.array([arr[max(0, i - before): i + after + 1].mean() for i in range(len(arr))])
+
+
+def classify_subphases(losses: Sequence[float], d1: float = 0.02, d2: float = 0.10, window: int = 1,
+                       centered: bool = True) -> list[str]:
+    """One label per loss: "Adaptive", "Stable", "Mild" or "Severe" (rules in the module docstring), judged on
+    `smooth_losses(losses, window, centered)`: a loss that jitters between validations by more than the bars
+    would otherwise cross them by chance."""
+    arr = smooth_losses(_check(losses, d1, d2), window, centered)
     l_min = arr.min()
     stable = np.flatnonzero(arr <= (1 + d1) * l_min)
     first, last = stable[0], stable[-1]
@@ -60,13 +77,20 @@ def classify_subphases(losses: Sequence[float], d1: float = 0.02, d2: float = 0.
     return labels
 
 
-def current_subphase(losses: Sequence[float], d1: float = 0.02, d2: float = 0.10) -> str:
+def current_subphase(losses: Sequence[float], d1: float = 0.02, d2: float = 0.10, window: int = 1) -> str:
     """The sub-phase of the latest validation, judged on the series so far (for the SFT trainer's log)."""
-    return classify_subphases(losses, d1, d2)[-1]
+    return classify_subphases(losses, d1, d2, window, centered=False)[-1]
+
+
+def smoothed_min(losses: Sequence[float], window: int = 1) -> tuple[int, float]:
+    """The index and value of the minimum of the centered `smooth_losses`: a run's Stable point."""
+    arr = smooth_losses(losses, window)
+    i = int(np.argmin(arr))
+    return i, float(arr[i])
 
 
 def subphase_reached(losses: Sequence[float], until: str, d1: float = 0.02, d2: float = 0.10,
-                     patience: int = 2) -> str | None:
+                     patience: int = 2, window: int = 1) -> str | None:
     """Online: why SFT may stop (`sft.until`), or None. The last `patience` validations all carry the `until`
     sub-phase or a later one ("Mild" counts "Severe"), judged on the series so far."""
     order = {ADAPTIVE: 0, STABLE: 1, MILD: 2, SEVERE: 3}
@@ -74,11 +98,13 @@ def subphase_reached(losses: Sequence[float], until: str, d1: float = 0.02, d2: 
         raise ValueError(f"until must be {MILD!r} or {SEVERE!r}, got {until!r}")
     if len(losses) < patience:
         return None
-    labels = classify_subphases(losses, d1, d2)[-patience:]
+    labels = classify_subphases(losses, d1, d2, window, centered=False)[-patience:]
     if min(order[lab] for lab in labels) < order[until]:
         return None
-    l_min, last = min(losses), losses[-1]
-    return (f"{until} sub-phase reached for {patience} validation(s): val loss {last:.4f} = "
+    arr = smooth_losses(losses, window, centered=False)
+    l_min, last = arr.min(), arr[-1]
+    what = "val loss" if window == 1 else f"val loss (mean of the last {window})"
+    return (f"{until} sub-phase reached for {patience} validation(s): {what} {last:.4f} = "
             f"{last / l_min:.3f} x the minimum {l_min:.4f} (bars {1 + d1:g} and {1 + d2:g})")
 
 

@@ -49,6 +49,9 @@ class SFTConfig:
     """Stable sub-phase: L <= (1 + d1) L_min."""
     subphase_d2: float = 0.10
     """Severe sub-phase: L >= (1 + d2) L_min."""
+    subphase_window: int = 1
+    """Sub-phases are judged on the mean of this many neighbouring validations (centered for a finished run,
+    trailing online: `until` and the log). Use 3 when the loss jitters between validations by more than d2."""
     export_hf: bool = True
     """Write the final model as an HF directory `<run>/hf/`."""
     token_store_dir: str | None = None
@@ -68,6 +71,8 @@ class SFTConfig:
                 raise ValueError(f"sft.{name} must be >= 0, got {getattr(self, name)}")
         if self.until != "steps" and not self.val_every:
             raise ValueError(f"sft.until={self.until!r} needs validations: set sft.val_every > 0")
+        if self.subphase_window < 1:
+            raise ValueError(f"sft.subphase_window must be >= 1, got {self.subphase_window}")
         if self.until_patience < 1:
             raise ValueError(f"sft.until_patience must be >= 1, got {self.until_patience}")
         if not 0 < self.subphase_d1 < self.subphase_d2:

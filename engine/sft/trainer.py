@@ -170,7 +170,7 @@ class SFTTrainer(FitLoop):
         history = self.state["val_history"]
         history.append({"step": self.step, "exaflops": self.state["exaflops"], "val_loss": val_loss})
         losses = [h["val_loss"] for h in history]
-        phase = current_subphase(losses, self.cfg.subphase_d1, self.cfg.subphase_d2)
+        phase = current_subphase(losses, self.cfg.subphase_d1, self.cfg.subphase_d2, self.cfg.subphase_window)
         history[-1]["subphase"] = phase
         is_best = val_loss <= min(losses)
         if is_best:
@@ -233,7 +233,7 @@ class SFTTrainer(FitLoop):
         if cfg.until == "steps":
             return None
         return subphase_reached([h["val_loss"] for h in history], cfg.until.capitalize(), cfg.subphase_d1,
-                                cfg.subphase_d2, cfg.until_patience)
+                                cfg.subphase_d2, cfg.until_patience, cfg.subphase_window)
 
     def must_save(self, record: dict[str, object]) -> bool:
         return bool(record.get("val/is_best") and self.cfg.save_best)

@@ -74,6 +74,13 @@ def _n(v: float | None, digits: int = 2) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
 
 
+def _smoothed(best: dict, cfg) -> str:
+    if cfg.subphase_window == 1 or "smoothed_val_loss" not in best:
+        return ""
+    return (f" (the lowest mean of {cfg.subphase_window} neighbouring validations, {best['smoothed_val_loss']:.4f}: "
+            f"sub-phases are judged on those means, `sft.subphase_window`)")
+
+
 def sft_end(sft: dict, labels: list[str]) -> str:
     """How a scene's SFT ended (`sft.until`), and the sub-phases it has no checkpoint in."""
     until = sft.get("until") or {"target": "steps"}
@@ -132,7 +139,7 @@ def write_sweep_report(job, root: Path, state: dict) -> Path:
         st, out = state["scenes"][spec.name], root / spec.name
         history = st["sft"]["val_history"]
         losses = [h["val_loss"] for h in history]
-        labels = classify_subphases(losses, cfg.subphase_d1, cfg.subphase_d2)
+        labels = classify_subphases(losses, cfg.subphase_d1, cfg.subphase_d2, cfg.subphase_window)
         subphase = {h["step"]: lab for h, lab in zip(history, labels)}
         raw = scene_json(spec.name, st)
         write_json_atomic(out / "scene.json", raw)
@@ -171,7 +178,8 @@ def write_sweep_report(job, root: Path, state: dict) -> Path:
         sections.append(f"""## Scene `{spec.name}`
 
 Task: {task}. SFT ran {st['sft']['steps']} steps ({_gf(st['sft']['exaflops']):.2f} GFLOPs); minimum validation
-loss {st['sft']['best']['val_loss']:.4f} at step {st['sft']['best']['step']}. {sft_end(st['sft'], labels)} RL branches ({job.rl.algorithm}) from
+loss {st['sft']['best']['val_loss']:.4f} at step {st['sft']['best']['step']}{_smoothed(st['sft']['best'], cfg)}.
+{sft_end(st['sft'], labels)} RL branches ({job.rl.algorithm}) from
 SFT steps {st['branches']} and from the base model (step 0 = pure RL). pass@1 on {st.get('n_eval', '?')} eval
 prompts, T={job.rl.eval_temperature}, {job.sweep.eval_samples} sample(s) each for SFT checkpoints and
 {job.rl.eval_samples} for RL evaluations.
