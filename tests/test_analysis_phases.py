@@ -123,3 +123,23 @@ def test_a_window_reads_the_mean_of_neighbouring_validations():
     assert smoothed_min([3.0, 1.0, 3.0, 1.6, 1.6, 1.6, 2.0], 3) == (4, pytest.approx(1.6))  # not the lone dip
     reason = subphase_reached(rising, "Severe", window=3)
     assert reason and "mean of the last 3" in reason
+
+
+def test_a_window_spans_training_steps_so_dense_replayed_points_do_not_shrink_it():
+    from types import SimpleNamespace
+
+    from engine.analysis.phases import history_subphases, smooth_losses
+
+    grid = [(10, 2.0), (20, 1.0), (30, 1.2), (40, 1.3)]
+    dense = grid[:2] + [(21, 1.0), (22, 1.0), (23, 1.06)] + grid[2:]
+    steps, losses = zip(*dense)
+    by_count = smooth_losses(losses, 3)
+    by_steps = smooth_losses(losses, 3, steps=steps, spacing=10)
+    assert by_steps[-1] == pytest.approx((1.2 + 1.3) / 2)  # step 40: the validations within 30-50
+    assert by_steps[1] == pytest.approx((2.0 + 1.0 + 1.0 + 1.0 + 1.06 + 1.2) / 6)  # step 20: those within 10-30
+    assert by_count[1] == pytest.approx((2.0 + 1.0 + 1.0) / 3)  # by position: only the neighbours
+    sft = SimpleNamespace(subphase_d1=0.02, subphase_d2=0.10, subphase_window=3, val_every=10)
+    history = [{"step": s, "val_loss": v} for s, v in dense]
+    assert history_subphases(history, sft) == classify_subphases(losses, 0.02, 0.10, 3, steps=steps, spacing=10)
+    regular = [{"step": s, "val_loss": v} for s, v in grid]
+    assert history_subphases(regular, sft) == classify_subphases([v for _, v in grid], window=3)  # a grid: the same

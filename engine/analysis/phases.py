@@ -42,25 +42,29 @@ def _check(losses: Sequence[float], d1: float, d2: float) -> np.ndarray:
     return arr
 
 
-def smooth_losses(losses: Sequence[float], window: int = 1, centered: bool = True) -> np.ndarray:
-    """Each loss replaced by the mean of `window` neighbouring validations: centered (a finished run) or
-    trailing (online, where the next validations are not known yet); fewer at the ends."""
+def smooth_losses(losses: Sequence[float], window: int = 1, centered: bool = True,
+                  steps: Sequence[float] | None = None, spacing: float = 1.0) -> np.ndarray:
+    """Each loss replaced by the mean of the validations within `window` validation intervals of it: centered
+    (a finished run) or trailing (online, where the next validations are not known yet). Intervals are
+    `spacing` steps of `steps` (default: one per position), so points replayed densely (the sweep's
+    `fill_mild`) are averaged over the same span of training as the regular ones."""
     arr = np.asarray(losses, dtype=float)
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     if window == 1:
         return arr
-    before = (window - 1) // 2 if centered else window - 1
-    after = window - 1 - before
-    return np.array([arr[max(0, i - before): i + after + 1].mean() for i in range(len(arr))])
+    at = np.arange(len(arr), dtype=float) if steps is None else np.asarray(steps, dtype=float)
+    span = (window - 1) * spacing
+    lo, hi = (at - span / 2, at + span / 2) if centered else (at - span, at)
+    return np.array([arr[(at >= lo[i] - 1e-9) & (at <= hi[i] + 1e-9)].mean() for i in range(len(arr))])
 
 
 def classify_subphases(losses: Sequence[float], d1: float = 0.02, d2: float = 0.10, window: int = 1,
-                       centered: bool = True) -> list[str]:
+                       centered: bool = True, steps: Sequence[float] | None = None, spacing: float = 1.0) -> list[str]:
     """One label per loss: "Adaptive", "Stable", "Mild" or "Severe" (rules in the module docstring), judged on
-    `smooth_losses(losses, window, centered)`: a loss that jitters between validations by more than the bars
-    would otherwise cross them by chance."""
-    arr = smooth_losses(_check(losses, d1, d2), window, centered)
+    `smooth_losses(losses, window, centered, steps, spacing)`: a loss that jitters between validations by more
+    than the bars would otherwise cross them by chance."""
+    arr = smooth_losses(_check(losses, d1, d2), window, centered, steps, spacing)
     l_min = arr.min()
     stable = np.flatnonzero(arr <= (1 + d1) * l_min)
     first, last = stable[0], stable[-1]
@@ -82,11 +86,25 @@ def current_subphase(losses: Sequence[float], d1: float = 0.02, d2: float = 0.10
     return classify_subphases(losses, d1, d2, window, centered=False)[-1]
 
 
-def smoothed_min(losses: Sequence[float], window: int = 1) -> tuple[int, float]:
+def smoothed_min(losses: Sequence[float], window: int = 1, steps: Sequence[float] | None = None,
+                 spacing: float = 1.0) -> tuple[int, float]:
     """The index and value of the minimum of the centered `smooth_losses`: a run's Stable point."""
-    arr = smooth_losses(losses, window)
+    arr = smooth_losses(losses, window, True, steps, spacing)
     i = int(np.argmin(arr))
     return i, float(arr[i])
+
+
+def history_subphases(history: list[dict], sft) -> list[str]:
+    """The labels of an SFT run's validations (`val_history`: step, val_loss) under its `sft` config: the bars
+    `subphase_d1/d2`, means over `subphase_window` intervals of `val_every` steps."""
+    return classify_subphases([h["val_loss"] for h in history], sft.subphase_d1, sft.subphase_d2, sft.subphase_window,
+                              steps=[h["step"] for h in history], spacing=sft.val_every or 1)
+
+
+def history_min(history: list[dict], sft) -> tuple[int, float]:
+    """The index in `history` and the smoothed loss of an SFT run's Stable point (`smoothed_min`)."""
+    return smoothed_min([h["val_loss"] for h in history], sft.subphase_window, [h["step"] for h in history],
+                        sft.val_every or 1)
 
 
 def subphase_reached(losses: Sequence[float], until: str, d1: float = 0.02, d2: float = 0.10,

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from engine.analysis import FitResult, classify_subphases
+from engine.analysis import FitResult
 from engine.analysis.findings import (
     IDENTIFIED_SE,
     SMOOTH,
@@ -31,7 +31,7 @@ from engine.analysis.findings import (
     pass1_se,
     smoothed_max,
 )
-from engine.analysis.phases import smoothed_min
+from engine.analysis.phases import history_min, history_subphases
 from engine.plots import A_POST_COLOR, PHASE_COLORS, SFT_COLOR, plot_paradigms
 from engine.rundir.files import write_json_atomic
 
@@ -44,8 +44,7 @@ def _label(key: str, run: dict) -> str:
 
 def scene_labels(job, st: dict) -> dict[int, str]:
     history = st["sft"]["val_history"]
-    labels = classify_subphases([h["val_loss"] for h in history], job.sft.subphase_d1, job.sft.subphase_d2,
-                                job.sft.subphase_window)
+    labels = history_subphases(history, job.sft)
     return {h["step"]: lab for h, lab in zip(history, labels)}
 
 
@@ -117,8 +116,7 @@ def judge_study(job, state: dict, fits: dict[str, dict]) -> list[Verdict]:
         fitted = [f.A_post for f in fits.get(spec.name, {}).values()
                   if isinstance(f, FitResult) and math.isfinite(f.A_post)]
         outcomes.append(SceneOutcome(spec.name, spec.num_train or t.num_train, spec.difficulty_mix or t.difficulty_mix,
-                                     smoothed_min([h["val_loss"] for h in st["sft"]["val_history"]],
-                                                  job.sft.subphase_window)[1],
+                                     history_min(st["sft"]["val_history"], job.sft)[1],
                                      max(scores[spec.name].values(), key=lambda s: s.value),
                                      max(fitted) if fitted else None))
     verdicts.append(judge_scenes(outcomes))

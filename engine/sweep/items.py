@@ -43,7 +43,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from engine.analysis.early_stop import ceiling_stop_rule
-from engine.analysis.phases import classify_subphases, smoothed_min
+from engine.analysis.phases import history_min, history_subphases
 from engine.config import (
     DataConfig,
     RLJobConfig,
@@ -273,11 +273,11 @@ class Sweep:
         summary = self.fill_mild(spec, sft_job, summary)
         steps = [h["step"] for h in summary["val_history"]]
         k = spec.branches or job.sweep.branches
-        losses = [h["val_loss"] for h in summary["val_history"]]
-        i, smoothed = smoothed_min(losses, sft.subphase_window)  # the Stable point (the raw minimum at window 1)
-        best = {"step": steps[i], "val_loss": losses[i], "smoothed_val_loss": smoothed}
+        history = summary["val_history"]
+        i, smoothed = history_min(history, sft)  # the Stable point (the raw minimum at subphase_window 1)
+        best = {"step": steps[i], "val_loss": history[i]["val_loss"], "smoothed_val_loss": smoothed}
         if job.sweep.branch_rule == "subphase":
-            labels = classify_subphases(losses, sft.subphase_d1, sft.subphase_d2, sft.subphase_window)
+            labels = history_subphases(history, sft)
             branches = select_branches_by_subphase(steps, labels, best["step"], k)
         else:
             branches = select_branches(steps, best["step"], k)
@@ -294,8 +294,7 @@ class Sweep:
         exact, so the replayed steps are the run's own; the gap's checkpoints are found by `sft_checkpoint`."""
         cfg = sft_job.sft
         history = summary["val_history"]
-        labels = classify_subphases([h["val_loss"] for h in history], cfg.subphase_d1, cfg.subphase_d2,
-                                    cfg.subphase_window)
+        labels = history_subphases(history, cfg)
         if "Mild" in labels or "Severe" not in labels:
             return summary
         last = max(i for i, lab in enumerate(labels) if lab == "Stable")

@@ -20,14 +20,13 @@ from pathlib import Path
 from engine.analysis import (
     FitResult,
     ceiling_correlation,
-    classify_subphases,
     fit_scene,
     load_scene,
     replay_scene,
 )
 from engine.analysis.early_stop import decide
 from engine.analysis.findings import a_post_se, pass1_se
-from engine.analysis.phases import SUBPHASES
+from engine.analysis.phases import SUBPHASES, history_subphases
 from engine.analysis.report import early_stop_markdown, rows_from
 from engine.plots import GFLOPS_PER_EFLOPS, plot_a_post, plot_paradigms
 from engine.rundir.files import write_json_atomic
@@ -139,7 +138,7 @@ def write_sweep_report(job, root: Path, state: dict) -> Path:
         st, out = state["scenes"][spec.name], root / spec.name
         history = st["sft"]["val_history"]
         losses = [h["val_loss"] for h in history]
-        labels = classify_subphases(losses, cfg.subphase_d1, cfg.subphase_d2, cfg.subphase_window)
+        labels = history_subphases(history, cfg)
         subphase = {h["step"]: lab for h, lab in zip(history, labels)}
         raw = scene_json(spec.name, st)
         write_json_atomic(out / "scene.json", raw)
