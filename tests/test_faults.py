@@ -324,14 +324,19 @@ def test_reward_worker_killed_mid_run_the_run_goes_on(forkserver, tmp_path):
     run = Run(forkserver, ["rl", str(rl_config(tmp_path, reward_workers=1, steps=steps))], tmp_path / "rl.log")
     rng, kills, deadline = random.Random(SEED), 0, time.monotonic() + 150
     log_path, killed_at = tmp_path / "runs" / "rl" / "metrics.jsonl", -2
+
+    def logged() -> int:
+        return len(log_path.read_text().splitlines()) if log_path.is_file() else 0
+
     while run.proc.is_alive() and time.monotonic() < deadline:
-        logged = len(log_path.read_text().splitlines()) if log_path.is_file() else 0
         workers = _worker_pids(run.proc.pid)
-        if workers and logged >= killed_at + 2:
+        if workers and logged() >= killed_at + 2:
             time.sleep(rng.random() * 0.3)
             try:
                 os.kill(workers[0], signal.SIGKILL)
-                kills, killed_at = kills + 1, logged
+                # counted after the kill: steps logged during the sleep must not let the next kill land in this
+                # kill's rescore (a tiny step can be shorter than the sleep)
+                kills, killed_at = kills + 1, logged()
             except ProcessLookupError:
                 pass
             while run.proc.is_alive() and workers[0] in _worker_pids(run.proc.pid):

@@ -231,9 +231,9 @@ def test_item_command_runs_training_items_under_torchrun():
 
 
 def test_a_stable_to_severe_jump_is_replayed_step_by_step_with_the_runs_own_losses(tmp_path):
-    """sft.until: severe on 16 rows at a high LR over-fits within ~80 steps. With the Mild validations taken out
-    of the summary (as if the loss had jumped between two validations), `fill_mild` replays the gap from the
-    last Stable checkpoint: its validations at the removed steps are the run's own, and every step of the gap
+    """sft.until: severe on 16 rows at a high LR over-fits within ~80 steps. With the validations from the last Stable
+    one to a Severe one past the Mild ones taken out of the summary (as if the loss had jumped between two
+    validations), `fill_mild` replays the gap from the last Stable checkpoint: its validations at the removed steps are the run's own, and every step of the gap
     has a checkpoint that `sft_checkpoint` finds."""
     from engine.analysis.phases import classify_subphases
 
@@ -248,15 +248,19 @@ def test_a_stable_to_severe_jump_is_replayed_step_by_step_with_the_runs_own_loss
     labels = classify_subphases([h["val_loss"] for h in history])
     assert record["sft"]["until"]["stopped"] and labels[-1] == "Severe" and "Mild" in labels
     assert record["sft"]["until"]["filled"] is None  # Mild was seen: nothing to replay
-    mild = {h["step"]: h["val_loss"] for h, lab in zip(history, labels) if lab == "Mild"}
-    cut = [h for h, lab in zip(history, labels) if lab != "Mild"]
+    # Every validation from the last Stable one to the first Severe one after a Mild one is taken out, and the
+    # history ends there (the loss can go Severe, back to Mild, then Severe again).
+    stable = max(i for i, lab in enumerate(labels) if lab == "Stable")
+    severe = labels.index("Severe", labels.index("Mild"))
+    removed = {h["step"]: h["val_loss"] for h in history[stable + 1:severe]}
+    cut = history[:stable + 1] + [history[severe]]
     summary = {"val_history": cut, "best": record["sft"]["best"], "stopped": record["sft"]["until"]["stopped"]}
     filled = sweep.fill_mild(spec, sweep.sft_job(spec), summary)
     start, end = filled["filled"]
     assert start - 1 == max(h["step"] for h, lab in zip(history, labels) if lab == "Stable")
     assert [h["step"] for h in filled["val_history"] if start <= h["step"] <= end] == list(range(start, end + 1))
     replayed = {h["step"]: h["val_loss"] for h in filled["val_history"]}
-    assert {s: replayed[s] for s in mild} == pytest.approx(mild, rel=1e-6)  # resume is exact
+    assert {s: replayed[s] for s in removed} == pytest.approx(removed, rel=1e-6)  # resume is exact
     assert "Mild" in classify_subphases([h["val_loss"] for h in filled["val_history"]])
     assert sweep.sft_checkpoint("default", start + 1).parent.parent.name == "sft_fill"
     assert sweep.sft_checkpoint("default", start - 1).parent.parent.name == "sft"
