@@ -56,6 +56,12 @@ export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
   $PY -c "import torch, triton, ceiling_kernels; print('torch', torch.__version__, 'triton', triton.__version__, \
 'cuda', torch.version.cuda); print('ceiling_kernels from', ceiling_kernels.__path__[0])"
 } 2>&1 | tee "$OUT/device.txt"
+# Without a CUDA torch every step would fail on its import: say so once and stop.
+if [ "$DRY" -eq 0 ] && ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  echo "== no CUDA device for $PY (torch missing or built without CUDA; set PYTHON=...): nothing run" \
+    | tee -a "$OUT/device.txt"
+  exit 1
+fi
 
 status=0
 step() {  # step NAME SECONDS CMD...: run within min(SECONDS, budget left), log to $OUT/NAME.log

@@ -231,10 +231,10 @@ def test_item_command_runs_training_items_under_torchrun():
 
 
 def test_a_stable_to_severe_jump_is_replayed_step_by_step_with_the_runs_own_losses(tmp_path):
-    """sft.until: severe on 16 rows at a high LR over-fits within ~80 steps. With the validations from the last Stable
-    one to a Severe one past the Mild ones taken out of the summary (as if the loss had jumped between two
-    validations), `fill_mild` replays the gap from the last Stable checkpoint: its validations at the removed steps are the run's own, and every step of the gap
-    has a checkpoint that `sft_checkpoint` finds."""
+    """sft.until: severe on 16 rows at a high LR over-fits within ~80 steps. With the validations from the last
+    Stable one to a Severe one past the Mild ones taken out of the summary (as if the loss had jumped between two
+    validations), `fill_mild` replays the gap from the last Stable checkpoint: its validations at the removed
+    steps are the run's own, and every step of the gap has a checkpoint that `sft_checkpoint` finds."""
     from engine.analysis.phases import classify_subphases
 
     job = tiny_sweep(tmp_path, branch_rule="subphase", branches=4)
