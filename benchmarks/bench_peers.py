@@ -338,7 +338,7 @@ def trl_grpo_worker(conn, spec: dict) -> None:
     from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
-    from engine.data.sft_dataset import load_prompt_rows
+    from engine.data.layouts import load_prompt_rows
     from engine.data.tokenizer import build_char_tokenizer
     from engine.reward import score_responses
     from engine.rl.algorithms import ALGORITHMS
@@ -490,7 +490,8 @@ def main(argv=None) -> list[dict]:
         args.backends = ["hf"]
     import trl  # the peer: `pip install '.[peers]'`
 
-    from engine.data.sft_dataset import encode_prompts, load_prompt_rows
+    from engine.data.layouts import load_prompt_rows
+    from engine.data.sft_dataset import encode_prompts
     from engine.data.synthetic import SyntheticTaskConfig, write_task
     from engine.data.token_store import open_token_store
     from engine.data.tokenizer import build_char_tokenizer

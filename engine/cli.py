@@ -8,6 +8,9 @@
     ceiling flops sft --model-config configs/models/qwen2.5-7b.json --batch-size 512 --mean-seq-len 3771 --steps 360
     ceiling sft configs/sft-tiny.yaml [--set sft.lr=3e-4]
     ceiling rl configs/rl-tiny.yaml [--set rl.algorithm=luffy]
+    ceiling eval runs/tiny/hf --benchmarks math500.jsonl --samples 8  # pass@1, pass@k, maj@k
+    ceiling export runs/tiny/rl OUT                  # any checkpoint as an HF directory
+    ceiling data runs/openr1-tiny                    # the synthetic task as openr1.parquet + math500.jsonl
 
 Each capability module exposes `register(subparsers)`, which adds its parser and sets `func`. Only the module of
 the command being run is imported (`ceiling fit` never loads torch); `ceiling --help` imports them all. A
@@ -26,7 +29,8 @@ from engine.errors import CeilingError
 # command -> the module whose `register` adds it, in the order `ceiling --help` lists them
 COMMANDS = {
     "run": "engine.pipeline", "sweep": "engine.sweep.cli", "pretrain": "engine.pretrain", "sft": "engine.sft",
-    "rl": "engine.rl.cli", "eval": "engine.evaluate", "flops": "engine.flops", "fit": "engine.analysis.cli",
+    "rl": "engine.rl.cli", "eval": "engine.evaluate", "export": "engine.export", "flops": "engine.flops",
+    "fit": "engine.analysis.cli", "data": "engine.data.public_layouts",
 }
 
 

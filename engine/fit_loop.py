@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 
+from engine.config import to_dict
 from engine.rundir.metrics import MetricsLogger, progress
 
 log = logging.getLogger("ceiling")
@@ -54,7 +55,9 @@ class FitLoop:
         if self.state.get("stopped") or (pause_at is not None and self.step >= pause_at):
             return self.finish()  # ended early by a stop rule, or this slice was already run: nothing to do
         main = self.info.is_main
-        metrics = MetricsLogger(self.run_dir, tensorboard=self.job.run.tensorboard, enabled=main)
+        run = self.job.run
+        metrics = MetricsLogger(self.run_dir, loggers=run.loggers, project=run.project, run_name=run.name,
+                                config=to_dict(self.job) if main else None, enabled=main)
         bar = progress(self.cfg.steps, self.bar_name(), initial=self.step, enabled=main and self.job.run.progress)
         try:
             self.start(metrics)

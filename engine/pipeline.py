@@ -13,9 +13,14 @@ Phases, each resumable; a finished phase is never redone (state in `<run>/pipeli
                step:N        end SFT at step N; RL from that step.
              The decision and its evidence (validation history with sub-phases) go to `switch.json`.
   2. rl      RL from the chosen checkpoint (DAPO_dc by default; engine/rl), with pass@1 evaluations.
+             Before it, the base model is scored on a rollout backend built from the base weights
+             (`model.path`, or the seeded init of `model.config`), with the settings of RL's evaluations, so the
+             base row is the base weights whatever the RL backend shares with the policy.
   3. report  pass@1 of the base model (before SFT), the SFT model (the switch checkpoint) and the final
-             model; `report.md` with figures; `curves.json` in the RETU format so `ceiling fit` reads it.
-Layout: runs/<name>/{sft,rl}/ are ordinary SFT and RL run directories.
+             model, each with the weights and backend that produced it; `report.md` with figures; `curves.json`
+             in the RETU format so `ceiling fit` reads it.
+Layout: runs/<name>/{sft,rl}/ are ordinary SFT and RL run directories; runs/<name>/hf is the final model (RL's
+HF directory, `rl.export_hf`).
 """
 
 from __future__ import annotations
@@ -80,8 +85,8 @@ class Pipeline:
         """The RL phase as an RL job in `<run>/rl/` from `init_checkpoint`, with every section RL honours."""
         job = self.job
         return RLJobConfig(run=replace(job.run, output_dir=str(self.root), name="rl"), model=job.model,
-                           data=job.data, rl=replace(job.rl, init_checkpoint=init_checkpoint), rollout=job.rollout,
-                           kernels=job.kernels, fsdp=job.fsdp)
+                           data=job.data, rl=replace(job.rl, init_checkpoint=init_checkpoint), reward=job.reward,
+                           rollout=job.rollout, kernels=job.kernels, fsdp=job.fsdp)
 
     def run_sft(self) -> None:
         job = self.job
@@ -115,25 +120,59 @@ class Pipeline:
         log.info("switch to RL: %s", reason)
         self.state["switch"] = switch
 
-    def run_rl(self) -> None:
-        job, switch = self.job, self.state["switch"]
-        trainer = RLTrainer(self.rl_job(switch["checkpoint"]))
+    def score_base(self, rl_job: RLJobConfig) -> dict:
+        """pass@1 of the base weights on RL's eval set with RL's evaluation settings, on a backend of its own built
+        from the base (closed before RL builds its own)."""
+        from engine.config import EvalConfig
+        from engine.data.tokenizer import model_tokenizer
+        from engine.distributed import init_distributed
+        from engine.evaluate import Benchmark, eval_rollout, eval_seed, evaluate
+        from engine.reward import Reward
+        from engine.rl.algorithms import ALGORITHMS
+        from engine.rl.trainer import rl_prompt_files
+
+        job, rl = self.job, self.job.rl
+        info = init_distributed(job.run.device)
+        tokenizer = model_tokenizer(job.model)
+        _, eval_path = rl_prompt_files(rl_job, self.root / "rl", info.is_main)
+        cfg = EvalConfig(samples=job.pipeline.eval_samples, temperature=rl.eval_temperature,
+                         max_new_tokens=rl.max_new_tokens, max_prompts=rl.eval_max_prompts,
+                         max_prompt_len=rl.max_prompt_len, batch_size=rl.rollout_batch_size)
+        bench = Benchmark.load("eval", eval_path, tokenizer, cfg.max_prompts, job.data.fields, cfg.max_prompt_len)
+        t0 = time.perf_counter()
+        rollout = eval_rollout(job.rollout, job.model, tokenizer, info, workdir=self.root / "base", seed=job.run.seed,
+                               max_model_len=rl.max_prompt_len + rl.max_new_tokens, batch_size=cfg.batch_size)
         try:
-            if "base" not in self.state:
-                # The rollout backend starts from the base model's weights (model.path or the seeded init), so
-                # the base is scored before the first weight sync, by the same backend: no second copy.
-                t0 = time.perf_counter()
-                pass1 = 100 * trainer.evaluate(samples=job.pipeline.eval_samples)
-                self.state["base"] = {"pass@1": pass1, "samples": job.pipeline.eval_samples,
-                                      "backend": trainer.rollout.backend, "seconds": round(time.perf_counter() - t0, 3)}
-                self._save_state()
+            result = evaluate(rollout, [bench], cfg, seed=eval_seed(job.run.seed),
+                              reward=Reward.of(job.reward, ALGORITHMS[rl.algorithm].reward_mode))
+        finally:
+            rollout.close()
+            destroy_distributed()
+        weights = job.model.path or f"the seeded ({job.run.seed}) random init of {job.model.config}"
+        return {"pass@1": result.scores["eval"], "samples": cfg.samples, "backend": result.backend,
+                "weights": weights, "metrics": result.metrics["eval"], "seconds": round(time.perf_counter() - t0, 3)}
+
+    def run_rl(self) -> None:
+        switch = self.state["switch"]
+        rl_job = self.rl_job(switch["checkpoint"])
+        if "base" not in self.state:
+            self.state["base"] = self.score_base(rl_job)
+            self._save_state()
+        trainer = RLTrainer(rl_job)
+        try:
             summary = trainer.fit()
         finally:
             trainer.rollout.close()  # frees the engine's weights and KV cache before the report phase
             destroy_distributed()
         self.state["rl"] = {"steps": summary["steps"], "exaflops": summary["exaflops"],
                             "eval_history": summary["eval_history"], "rollout_backend": summary["rollout_backend"],
-                            "device": trainer.info.device.type}
+                            "device": trainer.info.device.type, "checkpoint": summary["checkpoint"],
+                            "reward": summary["reward"], "eval_prompts": summary["eval_prompts"]}
+        if summary.get("hf_dir"):  # the final model at the run's top level
+            link = self.root / "hf"
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(Path("rl") / "hf", target_is_directory=True)
 
     def run_report(self) -> Path:
         from engine.report import write_run_report

@@ -17,3 +17,16 @@ def trainer_env(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     yield
     destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def module_trainer_env():
+    """`trainer_env` for a module-scoped fixture that runs a job once for the module's tests (a module fixture is
+    set up before the function-scoped `trainer_env` of its first test)."""
+    from engine.distributed import destroy_distributed
+
+    patch = pytest.MonkeyPatch()
+    patch.delenv("TRITON_INTERPRET", raising=False)
+    yield
+    patch.undo()
+    destroy_distributed()

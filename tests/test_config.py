@@ -61,7 +61,7 @@ def test_unknown_section(tmp_path):
         ("inner:\n  lr: fast\n", r"inner\.lr: expected a number"),
         ("inner:\n  mode: c\n", r"inner\.mode: 'c' is not one of 'a', 'b'"),
         ("inner:\n  tags: a\n", r"inner\.tags: expected a list"),
-        ("run:\n  tensorboard: 1\n", r"run\.tensorboard: expected true/false"),
+        ("run:\n  progress: 1\n", r"run\.progress: expected true/false"),
         ("inner: 3\n", r"inner: expected a mapping"),
     ],
 )

@@ -133,7 +133,8 @@ data:
   synthetic: {{num_train: 8, num_val: 4, num_rl: 32, num_eval: 4, max_digits: 1, seed: 3}}
 rl: {{algorithm: luffy, steps: {steps}, train_batch: 2, gen_batch: 2, n_samples: 2, n_expert: 1, max_gen_rounds: 1,
      max_prompt_len: 96, max_new_tokens: 8, micro_batch_tokens: 512, lr: 1.0e-3, eval_every: 0,
-     checkpoint_every: {EVERY}, keep_checkpoints: 2, reward_workers: {reward_workers}}}
+     checkpoint_every: {EVERY}, keep_checkpoints: 2}}
+reward: {{workers: {reward_workers}}}
 """)
     return path
 

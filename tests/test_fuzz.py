@@ -21,7 +21,8 @@ import pytest
 import yaml
 
 from engine import cli
-from engine.data.sft_dataset import encode_prompts, load_prompt_rows, load_sft_file
+from engine.data.layouts import load_prompt_rows
+from engine.data.sft_dataset import encode_prompts, load_sft_file
 from engine.data.tokenizer import build_char_tokenizer
 from engine.errors import DataError
 

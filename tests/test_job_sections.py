@@ -31,12 +31,14 @@ def sections(job_cls) -> set[str]:
 
 def test_every_job_takes_the_fast_sections():
     assert sections(SFTJobConfig) == {"run", "model", "data", "sft", "kernels", "fsdp"}
-    assert sections(RLJobConfig) == {"run", "model", "data", "rl", "rollout", "kernels", "fsdp"}
-    assert sections(RunJobConfig) == {"run", "model", "data", "sft", "rl", "pipeline", "rollout", "kernels", "fsdp"}
-    assert sections(SweepJobConfig) == {"run", "model", "data", "sft", "rl", "sweep", "rollout", "kernels", "fsdp",
-                                        "quick"}
+    # the reward is one section, shared by every job that scores responses (one rule for a run's every score)
+    assert sections(RLJobConfig) == {"run", "model", "data", "rl", "reward", "rollout", "kernels", "fsdp"}
+    assert sections(RunJobConfig) == {"run", "model", "data", "sft", "rl", "reward", "pipeline", "rollout", "kernels",
+                                      "fsdp"}
+    assert sections(SweepJobConfig) == {"run", "model", "data", "sft", "rl", "reward", "sweep", "rollout", "kernels",
+                                        "fsdp", "quick"}
     assert {"kernels", "fsdp"} <= sections(PretrainJobConfig)
-    assert sections(EvalJobConfig) == {"run", "rollout", "eval"}
+    assert sections(EvalJobConfig) == {"run", "data", "rollout", "eval", "reward"}
 
 
 def test_each_section_is_declared_once():
@@ -44,7 +46,7 @@ def test_each_section_is_declared_once():
     for job in (SFTJobConfig, RLJobConfig, RunJobConfig, SweepJobConfig, PretrainJobConfig, EvalJobConfig):
         hints = {f.name: f.type for f in dataclasses.fields(job)}
         for name, cls in (("run", "RunConfig"), ("rollout", "RolloutConfig"), ("kernels", "KernelConfig"),
-                          ("fsdp", "FSDPConfig")):
+                          ("fsdp", "FSDPConfig"), ("reward", "RewardConfig")):
             if name in hints:
                 assert hints[name] == cls, (job, name)
 
@@ -68,6 +70,8 @@ def test_the_main_jobs_take_rollout_kernels_and_fsdp(config, job_cls):
     (SweepJobConfig, "rl:\n  init_checkpoint: x\n", "rl.init_checkpoint"),
     (PretrainJobConfig, "sft:\n  export_hf: false\n", "sft.export_hf"),
     (EvalJobConfig, "run:\n  name: x\n", "run.name"),
+    (EvalJobConfig, "data:\n  train_path: x.jsonl\n", "data.train_path"),
+    (SweepJobConfig, "rl:\n  export_hf: true\n", "rl.export_hf"),
 ])
 def test_a_key_the_job_would_ignore_is_an_error_naming_file_and_key(tmp_path, job_cls, text, key):
     path = tmp_path / "job.yaml"

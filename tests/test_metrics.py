@@ -38,7 +38,7 @@ def test_disabled_logger_writes_nothing(tmp_path):
 
 
 def test_tensorboard_events(tmp_path):
-    with MetricsLogger(tmp_path, tensorboard=True) as m:
+    with MetricsLogger(tmp_path, loggers=["jsonl", "tensorboard"]) as m:
         m.log(1, {"train/loss": 1.5, "val/subphase": "Stable"})
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert not math.isnan(read_metrics(tmp_path / "metrics.jsonl")[0]["train/loss"])

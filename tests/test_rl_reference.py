@@ -331,7 +331,7 @@ def test_upt_compute_is_eq26_with_gate_counts():
 def test_upt_trainer_packs_and_counts_only_what_the_gate_trains(tmp_path):
     """End to end (random tiny model: every rollout fails, so every prompt goes to SFT): only the expert
     trajectories reach the update, and the step's compute is Eq. 26 with N_on = 0, N_off = 1."""
-    from engine.config import DataConfig, ModelConfig, RLConfig, RLJobConfig, RunConfig
+    from engine.config import DataConfig, ModelConfig, RewardConfig, RLConfig, RLJobConfig, RunConfig
     from engine.data.tokenizer import build_char_tokenizer
     from engine.rl.trainer import RLTrainer
     from engine.rundir.metrics import read_metrics
@@ -350,8 +350,9 @@ def test_upt_trainer_packs_and_counts_only_what_the_gate_trains(tmp_path):
         data=DataConfig(),
         rl=RLConfig(algorithm="upt", prompts_path=str(prompts), steps=1, train_batch=B, gen_batch=B, n_samples=G,
                     n_expert=1, max_prompt_len=96, max_new_tokens=24, micro_batch_tokens=512, eval_every=0,
-                    checkpoint_every=0, reward_mode="boxed", entropy_coef=0.001, aggregation="token-sum-norm",
-                    norm_tokens=64))
+                    checkpoint_every=0, entropy_coef=0.001, aggregation="token-sum-norm",
+                    norm_tokens=64),
+        reward=RewardConfig(mode="boxed"))
     trainer = RLTrainer(job)
     seen = []
     update = trainer._update

@@ -163,8 +163,9 @@ def test_update_gradient_matches_plain_transformers(tmp_path, sft_run, algorithm
                                                  w.trained_S)))
         tw = to_tokens(one, torch.tensor([0, len(logp_T)]), response_T)
         loss = policy_loss_reference(logp_T, None, tw.advantages_T, tw.sft_weight_T, tw.pg_weight_T, tw.off_policy_T,
-                                     tw.loss_mask_T, eps_low=trainer._eps[0], eps_high=trainer._eps[1],
-                                     luffy_gamma=trainer.cfg.luffy_gamma, normalizer=normalizer)
+                                     tw.loss_mask_T, eps_low=trainer.loss_settings.eps_low,
+                                     eps_high=trainer.loss_settings.eps_high, luffy_gamma=trainer.cfg.luffy_gamma,
+                                     normalizer=normalizer)
         loss.backward()
     expected = dict(reference.named_parameters())
     assert seen["grads"].keys() <= expected.keys()

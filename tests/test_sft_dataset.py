@@ -7,14 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine.data.sft_dataset import (
-    DatasetStats,
-    SFTRow,
-    iter_sft_rows,
-    load_prompt_rows,
-    load_sft_file,
-    tokenize_rows,
-)
+from engine.data.layouts import SFTRow, iter_sft_rows, load_prompt_rows
+from engine.data.sft_dataset import DatasetStats, load_sft_file, tokenize_rows
 from engine.data.synthetic import SyntheticTaskConfig, write_task
 from engine.data.tokenizer import build_char_tokenizer
 from engine.errors import DataError
@@ -56,7 +50,7 @@ def test_prompt_response_and_messages_forms_agree(tok, tmp_path):
     samples, stats = load_sft_file(path, tok, 128)
     assert stats.num_rows == 3 and samples[0] == samples[1] == samples[2]
     assert [r.answer for r in iter_sft_rows(path)] == ["1", None, None]
-    # Multi-turn: everything before the final assistant message is prompt (mask 0).
+    # Multi-turn: every assistant turn is trained (tests/test_data_layouts.py checks the mask token by token).
     multi = {
         "messages": [
             {"role": "system", "content": "S"},
@@ -67,7 +61,7 @@ def test_prompt_response_and_messages_forms_agree(tok, tmp_path):
         ]
     }
     (s,), _ = load_sft_file(write_lines(tmp_path / "m.jsonl", [multi]), tok, 256)
-    assert tok.decode([i for i, m in zip(s.input_ids, s.loss_mask, strict=True) if m]) == "B<|im_end|>"
+    assert tok.decode([i for i, m in zip(s.input_ids, s.loss_mask, strict=True) if m]) == "A<|im_end|>B<|im_end|>"
 
 
 def test_parquet_matches_jsonl(tok, tmp_path):

@@ -110,14 +110,14 @@ SCRIPTED_EVAL = """
 import json
 import math
 
-from engine.rl.trainer import RLTrainer
+from engine.rl.trainer import EvalOutcome, RLTrainer
 
 
 def _scripted(self, samples=None):
     scene = self.run_dir.parent
     branches = json.loads((scene.parent / "items" / scene.name / "sft.done.json").read_text())["branches"]
     top, mid = (0.07, 1.5) if int(self.run_dir.name.rsplit("_", 1)[1]) == min(branches) else (0.55, 3.0)
-    return 0.05 + top / (1 + math.exp(-(self.step - mid)))
+    return EvalOutcome({"pass@1": 0.05 + top / (1 + math.exp(-(self.step - mid)))})
 
 
 RLTrainer.evaluate = _scripted

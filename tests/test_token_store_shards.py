@@ -13,8 +13,8 @@ import torch
 import torch.multiprocessing as mp
 
 from engine.data import token_store
+from engine.data.files import iter_raw_rows
 from engine.data.row_shards import iter_piece_rows, plan_shards
-from engine.data.sft_dataset import iter_raw_rows
 from engine.data.synthetic import SyntheticTaskConfig, write_task
 from engine.data.token_store import TokenStore, build_token_store, open_token_store, write_token_store
 from engine.data.tokenizer import build_char_tokenizer
@@ -63,7 +63,7 @@ def test_shards_cover_every_row_once_in_order(tmp_path):
         assert len(shards) == n
         got = [(str(w), r) for shard in shards for piece in shard for w, r in iter_piece_rows(piece)]
         assert got == want, f"{n} shards"
-    sizes = [sum(p.end - p.start for p in shard if not p.parquet) for shard in plan_shards([a], 4)]
+    sizes = [sum(p.end - p.start for p in shard if not p.table) for shard in plan_shards([a], 4)]
     assert max(sizes) < 2 * min(sizes)  # about equal bytes
 
 

@@ -4,7 +4,7 @@
     job = load_config("configs/rl-tiny.yaml", RLJobConfig, overrides=["rollout.backend=vllm"])
 
 loader.py     reads YAML + `--set` overrides into a job, checks every key and type, writes the resolved config
-sections.py   run, model, data, kernels, fsdp, rollout, eval
+sections.py   run, model, data, kernels, fsdp, rollout, eval, reward
 training.py   sft, rl
 study.py      pipeline, sweep (and its scenes), corpus (pretraining)
 jobs.py       SFT, RL, run, sweep, pretrain and eval jobs: which sections each takes and which keys it ignores
@@ -25,6 +25,7 @@ from engine.config.sections import (
     FSDPConfig,
     KernelConfig,
     ModelConfig,
+    RewardConfig,
     RolloutConfig,
     RunConfig,
 )
@@ -33,7 +34,8 @@ from engine.config.training import RLConfig, SFTConfig
 
 __all__ = [
     "BASELINES", "DataConfig", "EvalConfig", "EvalJobConfig", "FSDPConfig", "KernelConfig", "ModelConfig",
-    "PipelineConfig", "PretrainCorpusConfig", "PretrainJobConfig", "RLConfig", "RLJobConfig", "RolloutConfig",
+    "PipelineConfig", "PretrainCorpusConfig", "PretrainJobConfig", "RLConfig", "RLJobConfig", "RewardConfig",
+    "RolloutConfig",
     "RunConfig", "RunJobConfig", "SFTConfig", "SFTJobConfig", "SceneSpec", "SweepConfig", "SweepJobConfig",
     "add_config_arguments", "dump_config", "from_dict", "load_config", "to_dict",
 ]

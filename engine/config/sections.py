@@ -1,4 +1,4 @@
-"""The config sections every job shares: run, model, data, kernels, fsdp, rollout, eval.
+"""The config sections every job shares: run, model, data, kernels, fsdp, rollout, eval, reward.
 
 Each is one dataclass, declared here once and composed into the jobs that honour it (engine/config/jobs.py).
 Every field's docstring is its documentation; `__post_init__` rejects a bad value naming the field.
@@ -7,9 +7,10 @@ Nothing here imports torch: `ceiling fit` and `--help` stay light.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from engine.data.layouts import FieldMap
 from engine.data.synthetic import SyntheticTaskConfig
 
 
@@ -25,8 +26,13 @@ class RunConfig:
     """Seed of model init, data order and sampling."""
     device: Literal["auto", "cuda", "npu", "cpu"] = "auto"
     """Device type; auto picks cuda, then npu, then cpu."""
-    tensorboard: bool = False
-    """Also write TensorBoard events to `<run>/tb/`."""
+    loggers: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["jsonl"])
+    """Where metrics go. `<run>/metrics.jsonl` is always written (the source of truth; listing jsonl is allowed);
+    the others mirror its numeric values: tensorboard (`<run>/tb/`), wandb (Weights & Biases; WANDB_MODE=offline
+    keeps it local), mlflow (MLFLOW_TRACKING_URI, else `<run>/mlruns`). One that fails to start or log is
+    reported and switched off; the run goes on (engine/rundir/loggers.py)."""
+    project: str = "ceiling-engine"
+    """The W&B project and the MLflow experiment the run is logged under (the run's name is `name`)."""
     progress: bool = True
     """Show a progress bar with ETA."""
     log_every: int = 1
@@ -42,6 +48,11 @@ class RunConfig:
             raise ValueError(f"run.name must be a non-empty name without '/', got {self.name!r}")
         if self.log_every < 1:
             raise ValueError(f"run.log_every must be >= 1, got {self.log_every}")
+        repeated = sorted({x for x in self.loggers if self.loggers.count(x) > 1})
+        if repeated:
+            raise ValueError(f"run.loggers lists {', '.join(repeated)} more than once: {self.loggers}")
+        if not self.project:
+            raise ValueError("run.project must be a non-empty name")
 
 
 @dataclass
@@ -62,6 +73,9 @@ class ModelConfig:
     auto picks by device."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in backward."""
+    chat_template: str | None = None
+    """Supply or replace the tokenizer's chat template: a Jinja string, a file holding one (a .jinja file, or a
+    tokenizer_config.json to take its template), or "chatml"; a base model without a template needs one."""
 
     def __post_init__(self):
         if (self.path is None) == (self.config is None):
@@ -74,14 +88,19 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """SFT data: the built-in synthetic task, or JSONL/Parquet files."""
+    """SFT data: the built-in synthetic task, or your files (JSONL, Parquet, Arrow; a glob, a list, a folder, or a
+    `datasets` save_to_disk directory), in any layout engine/data/layouts.py recognises or `fields` maps."""
 
     synthetic: SyntheticTaskConfig | None = None
     """Generate the synthetic math task (written to `<run>/data/`)."""
-    train_path: str | None = None
-    """JSONL/Parquet rows {prompt, response, answer?} or {messages}."""
-    val_path: str | None = None
+    train_path: str | list[str] | None = None
+    """SFT rows: the engine's {prompt, response}, chat {messages} (every assistant turn trained), verl's layout with
+    LUFFY's `target` as the trajectory (openr1.parquet), or a benchmark's {problem, solution}."""
+    val_path: str | list[str] | None = None
     """Held-out rows for the validation loss."""
+    fields: FieldMap | None = None
+    """Key paths of a layout the engine does not recognise, e.g. {prompt: question.text, answer: label}; applies to
+    every file the job reads (SFT data, RL prompts, evaluation sets)."""
     max_seq_len: int = 2048
     """Longest sample in tokens."""
     overlong: Literal["truncate", "drop"] = "truncate"
@@ -96,8 +115,9 @@ class DataConfig:
                              "only one: to train on the file, unset the task with --set data.synthetic=null (or "
                              "`synthetic: null` under `data:`)")
         for name in ("train_path", "val_path"):
-            if getattr(self, name) == "":
-                raise ValueError(f"data.{name} must be a path or null, got ''")
+            if getattr(self, name) == "" or getattr(self, name) == []:
+                raise ValueError(f"data.{name} must be a path, a glob or a list of them (or null), got "
+                                 f"{getattr(self, name)!r}")
         if self.max_seq_len < 2:
             raise ValueError(f"data.max_seq_len must be >= 2, got {self.max_seq_len}")
         if self.overlong not in ("truncate", "drop"):
@@ -218,10 +238,10 @@ class EvalConfig:
     max_new_tokens: int = 1024
     max_prompts: int | None = None
     """The first N problems of each file."""
+    max_prompt_len: int | None = None
+    """Skip prompts longer than this many tokens, counted and logged (as RL skips those over rl.max_prompt_len)."""
     batch_size: int = 64
     """Sequences per `generate` call of the transformers backend."""
-    reward_workers: int = 0
-    """Processes scoring answers with math-verify (0: in-process)."""
 
     def __post_init__(self):
         for name in ("samples", "max_new_tokens", "batch_size"):
@@ -231,5 +251,32 @@ class EvalConfig:
             raise ValueError(f"eval: need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ValueError(f"eval.max_prompts must be >= 1 (or null), got {self.max_prompts}")
-        if self.reward_workers < 0:
-            raise ValueError(f"eval.reward_workers must be >= 0, got {self.reward_workers}")
+        if self.max_prompt_len is not None and self.max_prompt_len < 1:
+            raise ValueError(f"eval.max_prompt_len must be >= 1 (or null), got {self.max_prompt_len}")
+
+
+@dataclass
+class RewardConfig:
+    """What scores a response, one rule for the whole run: RL's rewards, its evaluations, `ceiling eval`, the
+    pipeline's base/SFT/final scores and a sweep's P_sft all use it (engine/reward.py)."""
+
+    function: str | None = None
+    """Your reward, `path/to/file.py:name`, called as verl calls one: name(data_source, solution_str, ground_truth,
+    extra_info) -> float, or a dict with a `score` (and optionally `acc`, `pred`); null: math-verify."""
+    mode: Literal["boxed", "boxed-or-whole"] | None = None
+    """math-verify's final answer: the last \\boxed{}, or also the whole response when there is none; null: the RL
+    algorithm's (DAPO_dc boxed-or-whole, RETU's reward; the others boxed, the UPT-repo's), boxed for `ceiling eval`
+    of a model that no RL run names."""
+    workers: int = 0
+    """Processes that score responses (0: in this process)."""
+    timeout_s: float = 5.0
+    """Seconds one response may take; a response whose scoring raises or runs out of time scores 0, counted and
+    logged with its reason, and the run goes on."""
+
+    def __post_init__(self):
+        if self.function is not None and (":" not in self.function or not all(self.function.rsplit(":", 1))):
+            raise ValueError(f"reward.function must be 'path/to/file.py:function_name', got {self.function!r}")
+        if self.workers < 0:
+            raise ValueError(f"reward.workers must be >= 0, got {self.workers}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"reward.timeout_s must be > 0, got {self.timeout_s}")

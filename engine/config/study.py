@@ -36,7 +36,7 @@ class PipelineConfig:
 
 @dataclass
 class SceneSpec:
-    """One scene: the synthetic task with a different train-set size or difficulty."""
+    """One scene: the synthetic task with a different train-set size or difficulty, or your own files."""
 
     name: str = "default"
     """Directory name under runs/<name>/ (letters, digits, '-', '_', '.')."""
@@ -51,6 +51,15 @@ class SceneSpec:
     scene is enough)."""
     branches: int | None = None
     """Override of sweep.branches for this scene."""
+    train_path: str | list[str] | None = None
+    """On files: the scene's SFT data (default data.train_path); e.g. openr1.parquet, or a subset of it."""
+    val_path: str | list[str] | None = None
+    """On files: the scene's validation rows (default data.val_path)."""
+    prompts_path: str | list[str] | None = None
+    """On files: the scene's RL prompts (default rl.prompts_path)."""
+    eval_path: str | list[str] | None = None
+    """On files: the held-out set that scores the base, the SFT checkpoints and the RL branches (default
+    rl.eval_path)."""
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
@@ -105,7 +114,8 @@ class SweepConfig:
     min_fraction: float | None = None
     """... and not before this fraction of `rl.steps` (tuned on the paper's curves: benchmarks/RESULTS.md)."""
     scenes: list[SceneSpec] = field(default_factory=lambda: [SceneSpec()])
-    """Scenes (variants of data.synthetic); >= 3 gives the min-val-loss / A_post correlation."""
+    """Scenes (variants of data.synthetic, or each on its own files); >= 3 gives the min-val-loss / A_post
+    correlation."""
 
     def __post_init__(self):
         if isinstance(self.early_stop, bool):  # the older spelling: true meant the per-branch rule

@@ -86,10 +86,11 @@ class RLConfig:
     algorithm: Literal["grpo", "dapo_d", "dapo_dc", "luffy", "srft", "upt"] = "dapo_dc"
     init_checkpoint: str | None = None
     """A checkpoint dir (e.g. an SFT run's checkpoints/step_N) whose model weights start RL."""
-    prompts_path: str | None = None
-    """RL prompts {prompt, answer, response?}; default: the synthetic task's rl split."""
-    eval_path: str | None = None
-    """Held-out prompts {prompt, answer}; default: the synthetic task's eval split."""
+    prompts_path: str | list[str] | None = None
+    """RL prompts with reference answers (and the expert trajectory for LUFFY/SRFT/UPT), in any layout
+    engine/data/layouts.py reads (verl's openr1.parquet as it is); default: the synthetic task's rl split."""
+    eval_path: str | list[str] | None = None
+    """Held-out prompts with answers (e.g. a MATH-500-layout file); default: the synthetic task's eval split."""
     steps: int = 100
     """Rollout batches (each gives `mini_batches` optimizer updates)."""
     max_exaflops: float | None = None
@@ -154,12 +155,6 @@ class RLConfig:
     kl_coef: float = 0.0
     """KL to the initial policy (0 in the paper)."""
     kl_estimator: Literal["k1", "k3"] = "k3"
-    reward_workers: int = 0
-    """Processes scoring answers with math-verify (0: in-process)."""
-    reward_timeout_s: float = 5.0
-    reward_mode: Literal["boxed", "boxed-or-whole"] | None = None
-    """Final answer: the last \\boxed{}, or also the whole response when there is none; default: the algorithm's
-    (DAPO_dc boxed-or-whole, RETU's reward; the others boxed, the UPT-repo's); engine/reward.py."""
     rollout_batch_size: int = 64
     """Sequences per `generate` call of the transformers backend."""
     eval_every: int = 10
@@ -170,14 +165,23 @@ class RLConfig:
     eval_max_prompts: int | None = None
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+    export_hf: bool = True
+    """Write the final policy as an HF directory `<run>/hf/` (safetensors, config, tokenizer and chat template)."""
+    dump_generations: int = 0
+    """Write every Nth step's rollouts, and every evaluation's samples, to `<run>/generations/*.jsonl` (prompt,
+    response, reference answer, reward and its reason, finish reason, weight version, data source); 0: off."""
+    dump_max_rows: int = 512
+    """At most this many rows per generations file (the first ones: the file of a step or an evaluation)."""
 
     def __post_init__(self):
         for name in ("steps", "train_batch", "gen_batch", "n_samples", "max_gen_rounds", "max_prompt_len",
                      "max_new_tokens", "micro_batch_tokens", "mini_batches", "rollout_batch_size", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_expert < 0 or self.reward_workers < 0 or self.eval_every < 0 or self.checkpoint_every < 0:
-            raise ValueError("rl.n_expert, reward_workers, eval_every and checkpoint_every must be >= 0")
+        if min(self.n_expert, self.eval_every, self.checkpoint_every, self.dump_generations) < 0:
+            raise ValueError("rl.n_expert, eval_every, checkpoint_every and dump_generations must be >= 0")
+        if self.dump_max_rows < 1:
+            raise ValueError(f"rl.dump_max_rows must be >= 1, got {self.dump_max_rows}")
         if self.mini_batches > self.train_batch:
             raise ValueError("rl.mini_batches cannot exceed rl.train_batch")
         if self.micro_batch_tokens < self.max_prompt_len + self.max_new_tokens + 1:

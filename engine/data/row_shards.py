@@ -1,13 +1,14 @@
 """Contiguous row shards of SFT files, so several processes can tokenize one dataset in parallel.
 
     shards = plan_shards([a_jsonl, b_parquet], 4)     # 4 lists of Pieces, in file and row order
-    for where, row in iter_piece_rows(piece): ...     # same (location, row) as sft_dataset.iter_raw_rows
+    for where, row in iter_piece_rows(piece): ...     # same (location, row) as files.iter_raw_rows
 
 The files are laid end to end and cut into `n` runs of about equal bytes (JSONL: file bytes; Parquet: the
-row groups' uncompressed bytes). A cut moves forward to the next line start (JSONL) or row-group start
-(Parquet), so every row lands in exactly one shard, and reading shard 0, 1, ... in order gives the rows of
-`iter_raw_rows` over the files in order, with the same locations (1-based line, 0-based Parquet row) and
-the same error messages. A shard may be empty (a cut inside a long line or a large row group).
+row groups' uncompressed bytes; Arrow: the record batches' bytes). A cut moves forward to the next line start
+(JSONL), row-group start (Parquet) or batch start (Arrow), so every row lands in exactly one shard, and reading
+shard 0, 1, ... in order gives the rows of `iter_raw_rows` over the files in order, with the same locations
+(1-based line, 0-based row) and the same error messages. A shard may be empty (a cut inside a long line or a
+large row group).
 
 Planning reads each JSONL file once to count lines up to the cuts (at disk speed; no JSON is parsed).
 """
@@ -21,7 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.data.sft_dataset import CHUNK_ROWS, _Where, iter_parquet_batches, jsonl_line_row
+from engine.data.files import (
+    CHUNK_ROWS,
+    TABLE_SUFFIXES,
+    _Where,
+    arrow_batches,
+    iter_table_batches,
+    jsonl_line_row,
+    parquet_file,
+)
 from engine.errors import DataError
 
 SCAN_BLOCK = 1 << 24  # bytes read at a time when counting lines
@@ -29,36 +38,33 @@ SCAN_BLOCK = 1 << 24  # bytes read at a time when counting lines
 
 @dataclass(frozen=True)
 class Piece:
-    """Rows [start, end) of one file: byte offsets (JSONL) or row-group indices (Parquet)."""
+    """Rows [start, end) of one file: byte offsets (JSONL), row-group indices (Parquet) or batch indices (Arrow)."""
 
     file_index: int
     path: str
     start: int
     end: int
     first_row: int
-    """Location of the first row: its 1-based line (JSONL) or 0-based row index (Parquet)."""
+    """Location of the first row: its 1-based line (JSONL) or 0-based row index (Parquet, Arrow)."""
 
     @property
-    def parquet(self) -> bool:
-        return self.path.endswith(".parquet")
-
-
-def _parquet(path: Path):
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises several types for a bad file
-        raise DataError(f"{path}: not a readable Parquet file: {exc}") from exc
+    def table(self) -> bool:
+        return Path(self.path).suffix in TABLE_SUFFIXES
 
 
 def _row_groups(path: Path) -> list[tuple[int, int]]:
-    """(cumulative weight, first row) at the start of each row group, and once more at the end."""
-    meta, out, weight, row = _parquet(path).metadata, [], 0, 0
-    for g in range(meta.num_row_groups):
+    """(cumulative weight, first row) at the start of each row group (Arrow: batch), and once more at the end."""
+    if path.suffix == ".arrow":
+        sizes = [(max(b.nbytes, 1), b.num_rows) for b in arrow_batches(path)]
+    else:
+        meta = parquet_file(path).metadata
+        sizes = [(max(meta.row_group(g).total_byte_size, 1), meta.row_group(g).num_rows)
+                 for g in range(meta.num_row_groups)]
+    out, weight, row = [], 0, 0
+    for nbytes, nrows in sizes:
         out.append((weight, row))
-        weight += max(meta.row_group(g).total_byte_size, 1)
-        row += meta.row_group(g).num_rows
+        weight += nbytes
+        row += nrows
     return out + [(weight, row)]
 
 
@@ -88,7 +94,7 @@ def plan_shards(paths: list[str | Path], n: int) -> list[list[Piece]]:
     for p in paths:
         if not p.is_file():
             raise DataError(f"{p}: no such file")
-    groups = {f: _row_groups(p) for f, p in enumerate(paths) if p.suffix == ".parquet"}
+    groups = {f: _row_groups(p) for f, p in enumerate(paths) if p.suffix in TABLE_SUFFIXES}
     sizes = [groups[f][-1][0] if f in groups else p.stat().st_size for f, p in enumerate(paths)]
     ends = [len(groups[f]) - 1 if f in groups else size for f, size in enumerate(sizes)]  # end position per file
     first = [0 if f in groups else 1 for f in range(len(paths))]  # location of a file's first row
@@ -127,11 +133,14 @@ def plan_shards(paths: list[str | Path], n: int) -> list[list[Piece]]:
 
 
 def iter_piece_rows(piece: Piece) -> Iterator[tuple[_Where, Any]]:
-    """(location, decoded row) of each row in `piece`, as `sft_dataset.iter_raw_rows` yields them."""
+    """(location, decoded row) of each row in `piece`, as `files.iter_raw_rows` yields them."""
     path = Path(piece.path)
-    if piece.parquet:
-        batches = _parquet(path).iter_batches(batch_size=CHUNK_ROWS, row_groups=range(piece.start, piece.end))
-        yield from iter_parquet_batches(path, batches, piece.first_row)
+    if path.suffix == ".arrow":
+        yield from iter_table_batches(path, iter(arrow_batches(path)[piece.start:piece.end]), piece.first_row)
+        return
+    if piece.table:
+        batches = parquet_file(path).iter_batches(batch_size=CHUNK_ROWS, row_groups=range(piece.start, piece.end))
+        yield from iter_table_batches(path, batches, piece.first_row)
         return
     with path.open("rb") as f:
         f.seek(piece.start)

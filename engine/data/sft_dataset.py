@@ -1,61 +1,43 @@
-"""SFT data: read expert-trajectory rows, tokenize with the chat template, mask the loss to the trajectory.
+"""SFT data: conversations tokenized with the chat template, the loss masked to the assistant's turns.
 
-Row forms (JSONL, one object per line, or Parquet, one row per record; extra fields are ignored):
-    {"prompt": str | [messages], "response": str, "answer": str|int (optional)}
-    {"messages": [{"role", "content"}, ...]}   the final message is the assistant's trajectory;
-                                               everything before it is the prompt
-A sample is `prompt_ids + response_ids`: prompt_ids is the chat template applied to the prompt
-messages with `add_generation_prompt=True`; response_ids is the trajectory followed by the
-end-of-turn token (`<|im_end|>`, `<|eot_id|>`, else eos). `loss_mask` is 1 on response ids only.
+    samples, stats = load_sft_file("data/openr1.parquet", tokenizer, max_seq_len=8192)
 
-Over-long samples (> max_seq_len tokens): `overlong="truncate"` keeps the prompt and cuts the
-response tail (the sample is dropped if the prompt leaves no room for a response token);
-`overlong="drop"` drops them. Both are counted in `DatasetStats` and logged, never silent.
-A malformed row raises `DataError("file.jsonl:17: missing field 'response'")` (Parquet: "file:row N").
+Rows come from engine/data/layouts.py (`SFTRow`: the conversation before the final trajectory, and the trajectory;
+any layout it recognises or `data.fields` maps). A single-turn sample is `prompt_ids + response_ids`: prompt_ids
+is the chat template applied to the prompt messages with `add_generation_prompt=True`; response_ids is the
+trajectory followed by the end-of-turn token (`<|im_end|>`, `<|eot_id|>`, else eos). `loss_mask` is 1 on
+response ids only.
 
-`load_prompt_rows` reads RL prompt sets ({prompt, answer, optional id and response}) the same way.
-Rows are read and tokenized in chunks, so memory stays proportional to the kept samples. Training does
-not hold samples in memory: engine/data/token_store.py writes them once to flat files it reads lazily.
+Multi-turn chats train every assistant turn (TRL's `assistant_only_loss`), found without template markers: the
+template renders the conversation up to each assistant turn with the generation prompt, and up to its end; the
+turn's text is what lies between, up to the end-of-turn token. Context pieces (mask 0) and turns (mask 1, each
+closed by the end-of-turn token) are tokenized apart, as prompt and response are for a single turn. A template
+that rewrites earlier turns when later ones follow (so a rendering is not a prefix of the next) is an error naming
+the row: its earlier turns cannot be trained as they were seen.
+
+Over-long samples (> max_seq_len tokens): `overlong="truncate"` cuts the tail (the sample is dropped if no
+trained token is left); `overlong="drop"` drops them. Both are counted in `DatasetStats` and logged, never silent.
+Rows are read and tokenized in chunks, so memory stays proportional to the kept samples. Training does not hold
+samples in memory: engine/data/token_store.py writes them once to flat files it reads lazily.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from engine.data.tokenizer import end_of_turn_id
+from engine.data.layouts import FieldMap, SFTRow, iter_sft_rows
+from engine.data.tokenizer import end_of_turn_id, require_chat_template
 from engine.errors import DataError
 
 log = logging.getLogger(__name__)
 
 OVERLONG_POLICIES = ("truncate", "drop")
-ROLES = ("system", "user", "assistant", "tool")
 CHUNK_ROWS = 2048  # rows tokenized per batch call
-
-
-@dataclass
-class SFTRow:
-    """One validated row: prompt messages, the expert trajectory, the reference answer (or None)."""
-
-    messages: list[dict[str, str]]
-    response: str
-    answer: str | None = None
-
-
-@dataclass
-class PromptRow:
-    """One RL prompt: id, prompt messages, reference answer, optional expert trajectory."""
-
-    id: str
-    messages: list[dict[str, str]]
-    answer: str
-    response: str | None = None
 
 
 @dataclass
@@ -101,180 +83,6 @@ class DatasetStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
-@dataclass
-class _Where:
-    """Location of a raw row, for error messages."""
-
-    path: str
-    index: int  # 1-based JSONL line, or 0-based Parquet row
-    parquet: bool = False
-
-    def __str__(self) -> str:
-        return f"{self.path}:row {self.index}" if self.parquet else f"{self.path}:{self.index}"
-
-
-# --- reading ----------------------------------------------------------------------------------------
-
-
-def iter_parquet_batches(path: Path, batches, index: int = 0) -> Iterator[tuple[_Where, Any]]:
-    """(location, row) of each row in `batches` (pyarrow record batches of `path`), numbered from `index`."""
-    while True:
-        try:  # a damaged page or column chunk fails here, not when the file is opened
-            batch = next(batches, None)
-            rows = batch.to_pylist() if batch is not None else []
-        except Exception as exc:
-            raise DataError(f"{path}:row {index}: cannot read the Parquet data from here on: {exc}") from exc
-        if batch is None:
-            return
-        for row in rows:
-            yield _Where(str(path), index, parquet=True), row
-            index += 1
-
-
-def jsonl_line_row(path: Path, lineno: int, raw: bytes) -> Iterator[tuple[_Where, Any]]:
-    """The row on one JSONL line, with its location; none for a blank line (e.g. a trailing newline)."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {exc.start} of the line: "
-                        f"{raw[exc.start:exc.start + 1]!r}, {exc.reason})") from None
-    if not line.strip():
-        return
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{lineno}: bad JSON: {exc.msg} (column {exc.colno})") from exc
-    except RecursionError:
-        raise DataError(f"{path}:{lineno}: bad JSON: nested too deeply") from None
-    yield _Where(str(path), lineno), row
-
-
-def iter_raw_rows(path: str | Path) -> Iterator[tuple[_Where, Any]]:
-    """Yield (location, decoded row) from a .jsonl/.json-lines or .parquet file, streaming."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            pf = pq.ParquetFile(path)
-        except Exception as exc:  # pyarrow raises several types for a bad file
-            raise DataError(f"{path}: not a readable Parquet file: {exc}") from exc
-        yield from iter_parquet_batches(path, pf.iter_batches(batch_size=CHUNK_ROWS))
-        return
-    with path.open("rb") as f:  # decoded line by line, so a bad byte is reported on its own line
-        for lineno, raw in enumerate(f, start=1):
-            yield from jsonl_line_row(path, lineno, raw)
-
-
-def _text(where: _Where, row: dict, key: str) -> str:
-    if key not in row or row[key] is None:
-        raise DataError(f"{where}: missing field {key!r}")
-    value = row[key]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise DataError(f"{where}: field {key!r} is empty")
-    return _unicode(where, key, value)
-
-
-def _unicode(where: _Where, key: str, value: str) -> str:
-    """`value`, if it can be encoded (JSON's `\\ud800` escapes decode to lone surrogates, which tokenizers reject)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise DataError(f"{where}: field {key!r} is not valid Unicode: a lone surrogate "
-                        f"{value[exc.start]!r} at character {exc.start}") from None
-    return value
-
-
-def _answer(where: _Where, row: dict, required: bool) -> str | None:
-    value = row.get("answer")
-    if value is None:
-        if required:
-            raise DataError(f"{where}: missing field 'answer'")
-        return None
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise DataError(f"{where}: field 'answer' must be a string or a number, got {type(value).__name__}")
-    value = str(value)
-    if not value.strip():
-        raise DataError(f"{where}: field 'answer' is empty")
-    return _unicode(where, "answer", value)
-
-
-def _messages(where: _Where, value: Any, key: str) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: field {key!r} must be a non-empty list of {{role, content}} messages")
-    out = []
-    for i, msg in enumerate(value):
-        if not isinstance(msg, dict):
-            raise DataError(f"{where}: {key}[{i}] must be an object with 'role' and 'content'")
-        role, content = msg.get("role"), msg.get("content")
-        if role not in ROLES:
-            raise DataError(f"{where}: {key}[{i}].role must be one of {ROLES}, got {role!r}")
-        if not isinstance(content, str):
-            raise DataError(f"{where}: {key}[{i}].content must be a string, got {type(content).__name__}")
-        out.append({"role": role, "content": _unicode(where, f"{key}[{i}].content", content)})
-    return out
-
-
-def _prompt_messages(where: _Where, row: dict) -> list[dict[str, str]]:
-    if "prompt" not in row or row["prompt"] is None:
-        raise DataError(f"{where}: missing field 'prompt'")
-    if isinstance(row["prompt"], list):
-        return _messages(where, row["prompt"], "prompt")
-    return [{"role": "user", "content": _text(where, row, "prompt")}]
-
-
-def parse_sft_row(where: _Where, row: Any) -> SFTRow:
-    """Validate one raw row (prompt/response or messages form) into an `SFTRow`."""
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: row must be a JSON object, got {type(row).__name__}")
-    answer = _answer(where, row, required=False)
-    if row.get("messages") is not None:
-        if row.get("prompt") is not None or row.get("response") is not None:
-            raise DataError(f"{where}: give either 'messages' or 'prompt'/'response', not both")
-        messages = _messages(where, row["messages"], "messages")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise DataError(f"{where}: 'messages' has no assistant turn")
-        if messages[-1]["role"] != "assistant":
-            raise DataError(
-                f"{where}: the last message must be the assistant's trajectory, "
-                f"got role {messages[-1]['role']!r}"
-            )
-        if len(messages) < 2:
-            raise DataError(f"{where}: 'messages' has no prompt before the assistant turn")
-        if not messages[-1]["content"].strip():
-            raise DataError(f"{where}: the assistant message is empty")
-        return SFTRow(messages[:-1], messages[-1]["content"], answer)
-    return SFTRow(_prompt_messages(where, row), _text(where, row, "response"), answer)
-
-
-def iter_sft_rows(path: str | Path) -> Iterator[SFTRow]:
-    """Stream validated `SFTRow`s from a JSONL or Parquet file."""
-    for where, row in iter_raw_rows(path):
-        yield parse_sft_row(where, row)
-
-
-def load_prompt_rows(path: str | Path) -> list[PromptRow]:
-    """Read an RL prompt set: rows {prompt, answer, optional id, optional response}."""
-    rows = []
-    for where, row in iter_raw_rows(path):
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: row must be a JSON object, got {type(row).__name__}")
-        messages = _prompt_messages(where, row)
-        answer = _answer(where, row, required=True)
-        rid = row.get("id")
-        if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
-            raise DataError(f"{where}: field 'id' must be a string or an integer, got {type(rid).__name__}")
-        response = _text(where, row, "response") if row.get("response") is not None else None
-        rows.append(PromptRow(str(rid) if rid is not None else str(len(rows)), messages, answer, response))
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    return rows
-
-
 # --- tokenizing -------------------------------------------------------------------------------------
 
 
@@ -284,10 +92,7 @@ def encode_prompts(
     """Token ids of each prompt with the chat template and the assistant generation prompt."""
     if not messages:
         return []
-    if tokenizer.chat_template is None:
-        raise DataError(
-            "tokenizer has no chat template; set one or use a tokenizer dir that has chat_template"
-        )
+    require_chat_template(tokenizer)
     texts = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return encode_texts(texts, tokenizer)
 
@@ -330,34 +135,83 @@ def iter_tokenized(
         yield _tokenize_chunk(chunk, tokenizer, eot, max_seq_len, overlong)
 
 
+def conversation_pieces(row: SFTRow, tokenizer: PreTrainedTokenizerBase, eot_text: str) -> list[tuple[str, bool]]:
+    """(text, trained) pieces of a row with assistant turns before its final trajectory: context is rendered by the
+    chat template, each assistant turn is the template's rendering of it up to `eot_text` (module docstring)."""
+    def render(messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    pieces, done = [], ""
+    for k, message in enumerate(row.messages):
+        if message["role"] != "assistant":
+            continue
+        context = render(row.messages[:k], True)
+        whole = render(row.messages[:k + 1], False)
+        if not context.startswith(done) or not whole.startswith(context):
+            raise DataError(f"{row.where}: the chat template renders assistant turn {k} differently once later "
+                            "turns follow (it rewrites earlier turns), so they cannot be trained as the model saw "
+                            "them: keep only the last turn in this row, or set model.chat_template")
+        body = whole[len(context):]
+        end = body.find(eot_text)
+        if end < 0:
+            raise DataError(f"{row.where}: the chat template does not close assistant turn {k} with the end-of-turn "
+                            f"token {eot_text!r}: set model.chat_template to one that does")
+        pieces += [(context[len(done):], False), (body[:end], True)]
+        done = context + body[:end] + eot_text
+    context = render(row.messages, True)
+    if not context.startswith(done):
+        raise DataError(f"{row.where}: the chat template rewrites earlier assistant turns once later ones follow: "
+                        "keep only the last turn in this row, or set model.chat_template")
+    return pieces + [(context[len(done):], False), (row.response, True)]
+
+
 def _tokenize_chunk(
     rows: list[SFTRow], tokenizer: PreTrainedTokenizerBase, eot: int, max_seq_len: int, overlong: str
 ) -> tuple[list[SFTSample], DatasetStats]:
-    prompts = encode_prompts([r.messages for r in rows], tokenizer)
-    responses = encode_texts([r.response for r in rows], tokenizer)
+    require_chat_template(tokenizer)
+    multi = [i for i, r in enumerate(rows) if any(m["role"] == "assistant" for m in r.messages)]
+    single = sorted(set(range(len(rows))) - set(multi))
+    pieces: list[list[tuple[str, bool]]] = [[] for _ in rows]
+    if single:  # one batched template call for the common case
+        texts = tokenizer.apply_chat_template([rows[i].messages for i in single], tokenize=False,
+                                              add_generation_prompt=True)
+        for i, text in zip(single, texts, strict=True):
+            pieces[i] = [(text, False), (rows[i].response, True)]
+    eot_text = tokenizer.convert_ids_to_tokens(eot)
+    for i in multi:
+        pieces[i] = conversation_pieces(rows[i], tokenizer, eot_text)
+    flat = encode_texts([text for row in pieces for text, _ in row], tokenizer)
     stats, samples = DatasetStats(num_rows=len(rows)), []
     unk = tokenizer.unk_token_id  # looked up once: the attribute is slow on HF tokenizers
-    for p, r in zip(prompts, responses, strict=True):
-        r = r + [eot]
+    k = 0
+    for row in pieces:
+        ids: list[int] = []
+        mask: list[int] = []
+        for _, trained in row:
+            piece = flat[k] + [eot] if trained else flat[k]
+            ids += piece
+            mask += [int(trained)] * len(piece)
+            k += 1
         if unk is not None:
-            stats.num_unk_tokens += p.count(unk) + r.count(unk)
-        if len(p) + len(r) > max_seq_len:
-            if overlong == "drop" or len(p) >= max_seq_len:
+            stats.num_unk_tokens += ids.count(unk)
+        if len(ids) > max_seq_len:
+            if overlong == "drop" or mask.index(1) >= max_seq_len:
                 stats.num_dropped += 1
                 continue
-            r = r[: max_seq_len - len(p)]
+            ids, mask = ids[:max_seq_len], mask[:max_seq_len]
             stats.num_truncated += 1
-        samples.append(SFTSample(p + r, [0] * len(p) + [1] * len(r)))
-        stats.num_tokens += len(p) + len(r)
-        stats.num_loss_tokens += len(r)
+        samples.append(SFTSample(ids, mask))
+        stats.num_tokens += len(ids)
+        stats.num_loss_tokens += sum(mask)
     return samples, stats
 
 
 def load_sft_file(
-    path: str | Path, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, overlong: str = "truncate"
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, overlong: str = "truncate",
+    fields: FieldMap | None = None,
 ) -> tuple[list[SFTSample], DatasetStats]:
     """Read, validate and tokenize one SFT file; logs how many samples were truncated/dropped."""
-    samples, stats = tokenize_rows(iter_sft_rows(path), tokenizer, max_seq_len, overlong)
+    samples, stats = tokenize_rows(iter_sft_rows(path, fields), tokenizer, max_seq_len, overlong)
     report_stats(path, stats, max_seq_len, overlong)
     return samples, stats
 

@@ -16,7 +16,8 @@ crash mid-build leaves nothing that looks finished):
     meta.json         the key's inputs, `DatasetStats`, format version
 
 `key` is a sha256 over the format version, the bytes of each source file, a fingerprint of the tokenizer
-(its backend JSON, chat template, end-of-turn id), `max_seq_len` and `overlong`. Editing the data or
+(its backend JSON, chat template, end-of-turn id), `max_seq_len`, `overlong`, and how rows are read (the
+`data.fields` mapping and the layout rules' version, engine/data/layouts.py). Editing the data, its mapping or
 switching tokenizer gives a new key, hence a fresh store; anything else reuses the old one.
 
 Building (engine/data/token_store_build.py): the rows are cut into `world_size x workers` contiguous shards
@@ -47,6 +48,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine.data.layouts import FieldMap
 from engine.data.packing import IGNORE_INDEX, PackedBatch
 from engine.data.row_shards import Piece, plan_shards
 from engine.data.sft_dataset import DatasetStats
@@ -97,9 +99,11 @@ def file_digest(path: str | Path, chunk_bytes: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def store_key(paths: Sequence[str | Path], tokenizer, max_seq_len: int, overlong: str) -> str:
-    """Content hash naming the store of these files tokenized this way (first 24 hex digits)."""
-    h = hashlib.sha256(f"v{FORMAT_VERSION}|{max_seq_len}|{overlong}|{tokenizer_fingerprint(tokenizer)}".encode())
+def store_key(paths: Sequence[str | Path], tokenizer, max_seq_len: int, overlong: str,
+              fields: FieldMap | None = None) -> str:
+    """Content hash naming the store of these files read and tokenized this way (first 24 hex digits)."""
+    h = hashlib.sha256(f"v{FORMAT_VERSION}|{max_seq_len}|{overlong}|{tokenizer_fingerprint(tokenizer)}|"
+                       f"{(fields or FieldMap()).key()}".encode())
     for path in paths:
         h.update(file_digest(path).encode())
     return h.hexdigest()[:24]
@@ -238,7 +242,7 @@ def _error_text(exc: BaseException) -> str:
 
 
 def _build_by_ranks(paths, shards: list[list[Piece]], tokenizer, max_seq_len: int, overlong: str, out: Path,
-                    workers: int, progress: bool, wait_timeout_s: float) -> None:
+                    workers: int, progress: bool, wait_timeout_s: float, fields: FieldMap | None = None) -> None:
     """Every rank tokenizes `workers` consecutive shards into `<key>.shards/`; rank 0 then assembles the store.
 
     A rank whose shard fails writes its error to `<key>.shards/rank<r>.failed` (rank 0: `<key>.failed`);
@@ -249,12 +253,13 @@ def _build_by_ranks(paths, shards: list[list[Piece]], tokenizer, max_seq_len: in
     t0 = time.perf_counter()
     try:
         run_shards(work, shards, range(rank * workers, (rank + 1) * workers), workers, len(paths), tokenizer,
-                    max_seq_len, overlong, progress, abort=(str(failed), str(work)))
+                    max_seq_len, overlong, progress, abort=(str(failed), str(work)), fields=fields)
         (work / f"rank{rank}.done").touch()
         if rank == 0:
             _wait_for(lambda: all((work / f"rank{r}.done").is_file() for r in range(world)), failed,
                       "every rank's token store shards", wait_timeout_s)
-            assemble(work, len(shards), paths, out, store_meta(paths, max_seq_len, overlong), max_seq_len, overlong, t0)
+            assemble(work, len(shards), paths, out, store_meta(paths, max_seq_len, overlong, fields), max_seq_len,
+                     overlong, t0)
             shutil.rmtree(work, ignore_errors=True)
     except BaseException as exc:
         if failed.is_file() and not isinstance(exc, BuildFailed):  # rank 0 failed and removed our shard dir
@@ -269,7 +274,8 @@ def _build_by_ranks(paths, shards: list[list[Piece]], tokenizer, max_seq_len: in
 
 
 def open_token_store(paths: Sequence[str | Path], tokenizer, max_seq_len: int, overlong: str, root: str | Path,
-                     progress: bool = True, workers: int = 1, wait_timeout_s: float = 7 * 24 * 3600) -> TokenStore:
+                     progress: bool = True, workers: int = 1, wait_timeout_s: float = 7 * 24 * 3600,
+                     fields: FieldMap | None = None) -> TokenStore:
     """The store of `paths` under `root`, built on first use; every rank returns a reader.
 
     Building: rank 0 cuts the rows into `world_size x workers` contiguous shards; each rank tokenizes its
@@ -284,7 +290,7 @@ def open_token_store(paths: Sequence[str | Path], tokenizer, max_seq_len: int, o
     key, shards, error = None, None, None
     if _rank() == 0:
         try:  # a missing or unreadable file: every rank raises it, none waits at the broadcast
-            key = store_key(paths, tokenizer, max_seq_len, overlong)
+            key = store_key(paths, tokenizer, max_seq_len, overlong, fields)
             root.mkdir(parents=True, exist_ok=True)
             (root / f"{key}.failed").unlink(missing_ok=True)  # before the others can look for it
             shutil.rmtree(root / f"{key}.shards", ignore_errors=True)  # a crashed build's leftovers
@@ -298,7 +304,7 @@ def open_token_store(paths: Sequence[str | Path], tokenizer, max_seq_len: int, o
     out, failed = root / key, root / f"{key}.failed"
     if shards is not None:  # decided by rank 0 alone, so every rank takes part or none does
         log.info("tokenizing %s into token store %s (%d shards)", ", ".join(map(str, paths)), out, len(shards))
-        _build_by_ranks(paths, shards, tokenizer, max_seq_len, overlong, out, workers, progress, wait_timeout_s)
+        _build_by_ranks(paths, shards, tokenizer, max_seq_len, overlong, out, workers, progress, wait_timeout_s, fields)
         if _rank() != 0:
             _wait_for((out / "meta.json").is_file, failed, f"rank 0 to assemble token store {out}", wait_timeout_s)
     elif (out / "meta.json").is_file():
@@ -306,7 +312,8 @@ def open_token_store(paths: Sequence[str | Path], tokenizer, max_seq_len: int, o
     else:
         log.info("tokenizing %s into token store %s (%d workers)", ", ".join(map(str, paths)), out, workers)
         try:
-            build_token_store(paths, tokenizer, max_seq_len, overlong, out, progress=progress, workers=workers)
+            build_token_store(paths, tokenizer, max_seq_len, overlong, out, progress=progress, workers=workers,
+                              fields=fields)
         except BaseException as exc:
             failed.write_text(_error_text(exc))
             raise

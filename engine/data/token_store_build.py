@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.data.layouts import FieldMap, parse_sft_row
 from engine.data.row_shards import Piece, iter_piece_rows, plan_shards
-from engine.data.sft_dataset import CHUNK_ROWS, DatasetStats, iter_tokenized, parse_sft_row, report_stats
+from engine.data.sft_dataset import CHUNK_ROWS, DatasetStats, iter_tokenized, report_stats
 from engine.errors import DataError
 
 log = logging.getLogger("ceiling")
@@ -139,7 +140,8 @@ def abort_message(abort: tuple[str, str] | None) -> str | None:
 
 
 def _tokenize_shard(folder: Path, pieces: list[Piece], num_files: int, tokenizer, max_seq_len: int, overlong: str,
-                    label: str, progress: bool, abort: tuple[str, str] | None = None) -> None:
+                    label: str, progress: bool, abort: tuple[str, str] | None = None,
+                    fields: FieldMap | None = None) -> None:
     """Tokenize the rows of `pieces` into arrays in `folder`, plus stats.json (per-file DatasetStats).
 
     Memory: one chunk of rows and its tokens. Between chunks it stops if another shard failed (`abort`).
@@ -152,7 +154,7 @@ def _tokenize_shard(folder: Path, pieces: list[Piece], num_files: int, tokenizer
     try:
         with tqdm(desc=f"tokenize {label}", unit=" rows", disable=not progress, mininterval=5) as bar:
             for piece in pieces:
-                rows = (parse_sft_row(where, row) for where, row in iter_piece_rows(piece))
+                rows = (parse_sft_row(where, row, fields) for where, row in iter_piece_rows(piece))
                 while batch := list(itertools.islice(rows, SHARD_CHUNK_ROWS)):
                     ((chunk, stats),) = iter_tokenized(batch, tokenizer, max_seq_len, overlong)
                     if (message := abort_message(abort)) is not None:
@@ -172,14 +174,15 @@ def _shard_job(args) -> int:
 
 
 def run_shards(work: Path, shards: list[list[Piece]], mine: Sequence[int], workers: int, num_files: int,
-                tokenizer, max_seq_len: int, overlong: str, progress: bool, abort=None) -> None:
+                tokenizer, max_seq_len: int, overlong: str, progress: bool, abort=None,
+                fields: FieldMap | None = None) -> None:
     """Tokenize shards `mine` into `work/shard<k>/`: in this process, or in a pool of `workers` processes.
 
     The pool is spawned (the Rust tokenizer's threads do not survive a fork) and terminated on the first
     failure, whose exception is raised here with its message (file:line) intact.
     """
     jobs = [(work / f"shard{k}", shards[k], num_files, tokenizer, max_seq_len, overlong,
-             f"shard {k + 1}/{len(shards)}", progress and k == mine[0], abort) for k in mine]
+             f"shard {k + 1}/{len(shards)}", progress and k == mine[0], abort, fields) for k in mine]
     if workers == 1 or len(jobs) == 1:
         for job in jobs:
             _tokenize_shard(*job)
@@ -234,12 +237,13 @@ def assemble(work: Path, num_shards: int, paths: Sequence[str | Path], out_dir: 
     return out
 
 
-def store_meta(paths, max_seq_len: int, overlong: str) -> dict:
-    return {"sources": [str(p) for p in paths], "max_seq_len": max_seq_len, "overlong": overlong}
+def store_meta(paths, max_seq_len: int, overlong: str, fields: FieldMap | None = None) -> dict:
+    return {"sources": [str(p) for p in paths], "max_seq_len": max_seq_len, "overlong": overlong,
+            "layout": json.loads((fields or FieldMap()).key())}
 
 
 def build_token_store(paths: Sequence[str | Path], tokenizer, max_seq_len: int, overlong: str, out_dir: str | Path,
-                      progress: bool = True, workers: int = 1) -> Path:
+                      progress: bool = True, workers: int = 1, fields: FieldMap | None = None) -> Path:
     """Tokenize `paths` with the chat template (engine.data.sft_dataset) into a store at `out_dir`.
 
     `workers` > 1 tokenizes that many contiguous row shards in parallel processes; the store is the same
@@ -254,8 +258,8 @@ def build_token_store(paths: Sequence[str | Path], tokenizer, max_seq_len: int, 
     shutil.rmtree(work, ignore_errors=True)
     try:
         run_shards(work, shards, range(len(shards)), workers, len(paths), tokenizer, max_seq_len, overlong,
-                    progress)
-        return assemble(work, len(shards), paths, out_dir, store_meta(paths, max_seq_len, overlong), max_seq_len,
+                    progress, fields=fields)
+        return assemble(work, len(shards), paths, out_dir, store_meta(paths, max_seq_len, overlong, fields), max_seq_len,
                          overlong, t0)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -16,7 +16,9 @@ The chat template is Qwen's ChatML without a default system prompt:
     <|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n{response}<|im_end|>
 
 `load_tokenizer("char")` builds this tokenizer; any other value is a local HF tokenizer dir, loaded
-with `local_files_only=True` (nothing is ever downloaded).
+with `local_files_only=True` (nothing is ever downloaded). A directory without tokenizer files is an error that
+says so. `chat_template` (the `model.chat_template` setting) supplies or replaces the template: a Jinja string,
+a file holding one, or the name "chatml" (the template above, for a base model that ships none).
 """
 
 from __future__ import annotations
@@ -75,13 +77,62 @@ def build_char_tokenizer(model_max_length: int = 1 << 20) -> PreTrainedTokenizer
     return tok
 
 
-def load_tokenizer(path_or_name: str | Path) -> PreTrainedTokenizerBase:
-    """`"char"` builds the character tokenizer; otherwise load a local HF tokenizer dir (no downloads)."""
+# Files a saved tokenizer has at least one of (fast JSON, its config, or a slow tokenizer's vocabulary).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE}
+
+
+def load_tokenizer(path_or_name: str | Path, chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    """`"char"` builds the character tokenizer; otherwise load a local HF tokenizer dir (no downloads).
+    `chat_template`: a template, a file holding one, or "chatml"; replaces the tokenizer's own."""
+    tokenizer = _load(path_or_name)
+    if chat_template is not None:
+        tokenizer.chat_template = resolve_chat_template(chat_template)
+    return tokenizer
+
+
+def model_tokenizer(model_cfg) -> PreTrainedTokenizerBase:
+    """The tokenizer of a `model:` section (its `tokenizer`, with its `chat_template` when set)."""
+    return load_tokenizer(model_cfg.tokenizer, model_cfg.chat_template)
+
+
+def resolve_chat_template(value: str) -> str:
+    """The Jinja text of a `model.chat_template` setting: a name, a file, or the template itself."""
+    if value in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[value]
+    if "{%" in value or "{{" in value:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise CeilingError(f"model.chat_template: {value!r} is neither a file, a Jinja template ('{{%' / '{{{{'), "
+                           f"nor one of the names {sorted(NAMED_TEMPLATES)}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":  # a tokenizer_config.json or a chat_template.json: take its template
+        text = json.loads(text).get("chat_template") or ""
+    if not text.strip():
+        raise CeilingError(f"model.chat_template: {path} holds no template")
+    return text
+
+
+def require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Raise a `CeilingError` saying what to set when the tokenizer has no chat template (a base model's)."""
+    if tokenizer.chat_template is None:
+        raise CeilingError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '') or ''!s} has no chat template, which turns rows into "
+            "prompts: set model.chat_template to a Jinja template, a file holding one, or 'chatml' "
+            "(<|im_start|>role ... <|im_end|>, which needs those tokens in the vocabulary)")
+
+
+def _load(path_or_name: str | Path) -> PreTrainedTokenizerBase:
     if str(path_or_name) == "char":
         return build_char_tokenizer()
     path = Path(path_or_name)
     if not path.is_dir():
         raise CeilingError(f"tokenizer: {path} is not a local directory (and not the name 'char')")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CeilingError(f"tokenizer: cannot load {path}: it has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): copy "
+                           "them from the model's original directory, or set model.tokenizer to a directory that has "
+                           "them")
     try:
         # A tokenizer saved as a plain `tokenizers` backend (the char tokenizer exported with a model) must
         # load as that: AutoTokenizer would follow config.json's model_type to e.g. Qwen2Tokenizer, whose
@@ -104,6 +155,14 @@ def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
     if tokenizer.eos_token_id is None:
         raise CeilingError("tokenizer has no end-of-turn token (<|im_end|>, <|eot_id|>) and no eos_token")
     return int(tokenizer.eos_token_id)
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids that end generation: the end-of-turn id, then the tokenizer's eos when it is another token."""
+    ids = [end_of_turn_id(tokenizer)]
+    if tokenizer.eos_token_id is not None and int(tokenizer.eos_token_id) not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
 
 
 def count_unknown(tokenizer: PreTrainedTokenizerBase, ids: Iterable[int]) -> int:

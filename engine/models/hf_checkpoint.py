@@ -4,6 +4,7 @@
     model = PackedCausalLM(hf); apply_fsdp(model, ...)     # fully_shard works on meta parameters
     load_hf_sharded(model, hf_dir, device)                 # allocate this rank's shards, read just its rows
     save_hf_sharded(model, out_dir, tokenizer)             # each rank writes some of the files
+    export_model(model, out_dir, tokenizer, source_dir)    # the same, as a model to serve (generation config)
 
 Loading: FSDP2 shards every parameter on dim 0, so a rank's shard is a contiguous run of rows of the
 tensor in the file. The safetensors layout is a little-endian u64 header length, a JSON header
@@ -235,3 +236,25 @@ def save_hf_sharded(model: nn.Module, out_dir: str | Path, tokenizer=None, *, dt
     if world > 1:
         dist.barrier()
     return out_dir
+
+
+def export_model(model: nn.Module, out_dir: str | Path, tokenizer, source_dir: str | Path | None = None, *,
+                 dtype: torch.dtype | None = None, max_shard_bytes: int = 2 << 30) -> Path:
+    """`save_hf_sharded` for a model to serve: generation_config.json keeps the base's (`source_dir`'s) sampling
+    defaults, with `eos_token_id` the end-of-turn token and the tokenizer's eos, so that `generate` and vLLM stop at
+    the end of an assistant turn even where the tokenizer's eos is `<|endoftext|>` (Qwen base models); config.json
+    names the architecture (vLLM picks its model class by it) and, with `dtype`, the dtype of the files."""
+    from transformers import GenerationConfig
+
+    from engine.data.tokenizer import stop_token_ids
+
+    hf = getattr(model, "hf", model)
+    if source_dir is not None and (Path(source_dir) / "generation_config.json").is_file():
+        hf.generation_config = GenerationConfig.from_pretrained(source_dir, local_files_only=True)
+    hf.generation_config.eos_token_id = stop_token_ids(tokenizer)
+    if hf.generation_config.pad_token_id is None:
+        hf.generation_config.pad_token_id = tokenizer.pad_token_id
+    if dtype is not None:
+        hf.config.dtype = dtype  # config.json says what the files hold: loaders with dtype="auto" follow it
+    hf.config.architectures = [type(hf).__name__]
+    return save_hf_sharded(model, out_dir, tokenizer, dtype=dtype, max_shard_bytes=max_shard_bytes)

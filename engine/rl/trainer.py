@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -38,16 +38,26 @@ from torch.distributed.fsdp import FSDPModule
 
 from engine import flops as flops_lib
 from engine.config import RLJobConfig
+from engine.data.layouts import PromptRow, load_prompt_rows
 from engine.data.packing import collate_packed, pack_for_ranks
-from engine.data.sft_dataset import encode_prompts, encode_texts, load_prompt_rows
+from engine.data.sft_dataset import encode_prompts, encode_texts
 from engine.data.synthetic import write_task
-from engine.data.tokenizer import end_of_turn_id, load_tokenizer
+from engine.data.tokenizer import end_of_turn_id, model_tokenizer
 from engine.distributed import all_reduce_sum, barrier, compute_dtype, init_distributed
 from engine.errors import CeilingError
+from engine.evaluate import (
+    ScoredSample,
+    eval_seed,
+    generation_records,
+    length_metrics,
+    summarize_by_source,
+    summarize_samples,
+)
 from engine.fit_loop import FitLoop
 from engine.losses import linear_policy_loss
 from engine.models import PackedCausalLM, build_model
-from engine.reward import score_responses
+from engine.models.hf_checkpoint import export_model
+from engine.reward import Reward, RewardStats
 from engine.rl.algorithms import ALGORITHMS, RLBatch, SeqWeights, WeightParams, sequence_weights
 from engine.rl.normalizers import loss_normalizers
 from engine.rl.sampling import Group, dynamic_sampling
@@ -61,6 +71,7 @@ from engine.rundir.checkpoint import (
     save_checkpoint,
 )
 from engine.rundir.files import write_json_atomic
+from engine.rundir.generations import GenerationRecord, write_generations
 from engine.rundir.metrics import make_run_dir
 from engine.training import DataOrder, build_optimizer, build_policy, guarded_step
 
@@ -70,11 +81,84 @@ FLOPS_FAMILY = {"grpo": "grpo", "dapo_d": "dapo", "dapo_dc": "dapo", "luffy": "l
 
 @dataclass
 class Prompt:
-    id: str
+    row: PromptRow  # id, messages, reference answer, data source, extra info (engine/data/layouts.py)
     ids: list[int]
-    answer: str
     expert_ids: list[int] | None  # expert trajectory + end-of-turn token
     expert_reward: float | None = None  # the expert trajectory scored by the reward (on first use)
+
+
+@dataclass
+class EvalOutcome:
+    """One held-out evaluation: `summarize_samples` (pass@1 and the rest, fractions), the same per data source,
+    and the samples' dump rows (when the run dumps generations)."""
+
+    metrics: dict[str, float]
+    by_source: dict[str, dict[str, float]] = field(default_factory=dict)
+    records: list[GenerationRecord] = field(default_factory=list)
+
+
+@dataclass
+class RolloutStep:
+    """What one step's generation rounds produced: the samples of every round, the reward's counts, generation and
+    scoring seconds, and token counts (Appendix C's generation pass: prompt + response of every sample)."""
+
+    dump: bool
+    """Keep the texts: the step writes its generations."""
+    rounds: list[tuple[list[Prompt], list[list[ScoredSample]]]] = field(default_factory=list)
+    stats: RewardStats = field(default_factory=RewardStats)
+    rollout_s: float = 0.0
+    reward_s: float = 0.0
+    gen_tokens: int = 0
+    new_tokens: int = 0
+
+    def add_round(self, prompts: list[Prompt], samples: list[list[ScoredSample]], stats: RewardStats,
+                  timing: dict[str, float]) -> None:
+        self.rounds.append((prompts, samples))
+        self.stats = self.stats + stats
+        self.rollout_s += timing["rollout"]
+        self.reward_s += timing["reward"]
+        self.gen_tokens += sum(len(p.ids) + s.n_tokens for p, group in zip(prompts, samples) for s in group)
+        self.new_tokens += sum(s.n_tokens for group in samples for s in group)
+
+    def metrics(self) -> dict[str, float]:
+        """Reward, truncation and lengths over every sample generated (all rounds), per data source where rows name
+        one."""
+        flat = [(p, s) for prompts, samples in self.rounds for p, group in zip(prompts, samples) for s in group]
+        out = {"rollout/reward_mean": sum(s.score.reward for _, s in flat) / max(len(flat), 1),
+               "rollout/unparsed": self.stats.num_unparsed, "rollout/reward_failed": self.stats.num_failed,
+               **{f"rollout/{k}": v for k, v in length_metrics([s.n_tokens for _, s in flat],
+                                                               [s.finish_reason for _, s in flat]).items()}}
+        sources: dict[str, list[float]] = {}
+        for p, s in flat:
+            if p.row.data_source is not None:
+                sources.setdefault(p.row.data_source, []).append(s.score.reward)
+        out.update({f"rollout/{src}/reward_mean": sum(r) / len(r) for src, r in sorted(sources.items())})
+        return out
+
+    def records(self, step: int, kept: set[int], weight_version: int, tokenizer) -> list[GenerationRecord]:
+        """Every sample of every round, as dump rows (`kept`: ids of the groups dynamic sampling kept)."""
+        out = []
+        for k, (prompts, samples) in enumerate(self.rounds):
+            out += generation_records("rollout", step, [p.row for p in prompts], [tokenizer.decode(p.ids) for p in prompts],
+                                      samples, weight_version, round=[k] * len(prompts),
+                                      kept=[id(group) in kept for group in samples])
+        return out
+
+
+def rl_prompt_files(job: RLJobConfig, run_dir: Path, is_main: bool) -> tuple[object, object]:
+    """(prompts, eval) path settings of an RL job: rl.prompts_path / rl.eval_path, or the synthetic task's rl and eval
+    splits, written to `<run_dir>/data/` first (by the main rank)."""
+    prompts_path, eval_path = job.rl.prompts_path, job.rl.eval_path
+    if job.data.synthetic is not None:
+        out = run_dir / "data"
+        if is_main and not (out / "task_config.json").is_file():
+            write_task(job.data.synthetic, out)
+        barrier()
+        prompts_path = prompts_path or str(out / "rl.jsonl")
+        eval_path = eval_path or str(out / "eval.jsonl")
+    if prompts_path is None:
+        raise CeilingError("rl.prompts_path is required unless data.synthetic is set")
+    return prompts_path, eval_path
 
 
 @dataclass
@@ -101,12 +185,11 @@ class RLTrainer(FitLoop):
         self.job, self.cfg = job, job.rl
         self.spec = ALGORITHMS[self.cfg.algorithm]
         self.loss_settings = LossSettings.for_run(self.cfg, self.spec)
-        self.reward_mode = self.cfg.reward_mode or self.spec.reward_mode
-        self._eps = (self.loss_settings.eps_low, self.loss_settings.eps_high)
+        self.reward = Reward.of(job.reward, self.spec.reward_mode)
         self.info = init_distributed(job.run.device)
         self.run_dir = make_run_dir(job.run.output_dir, job.run.name, job if self.info.is_main else None)
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.tokenizer = load_tokenizer(job.model.tokenizer)
+        self.tokenizer = model_tokenizer(job.model)
         self.prompts, self.eval_prompts = self._load_prompts()
         # The rollout backend first: vLLM sizes its memory from what is free before FSDP allocates.
         self.rollout = build_rollout(job.rollout, job.model, self.tokenizer, self.info, workdir=self.run_dir,
@@ -140,38 +223,28 @@ class RLTrainer(FitLoop):
 
     # ------------------------------------------------------------ data
     def _load_prompts(self) -> tuple[list[Prompt], list[Prompt]]:
-        cfg, data = self.cfg, self.job.data
-        prompts_path, eval_path = cfg.prompts_path, cfg.eval_path
-        if data.synthetic is not None:
-            out = self.run_dir / "data"
-            if self.info.is_main and not (out / "task_config.json").is_file():
-                write_task(data.synthetic, out)
-            barrier()
-            prompts_path = prompts_path or str(out / "rl.jsonl")
-            eval_path = eval_path or str(out / "eval.jsonl")
-        if prompts_path is None:
-            raise CeilingError("rl.prompts_path is required unless data.synthetic is set")
-        train = self._encode(prompts_path, need_expert=self.spec.uses_expert)
-        evals = self._encode(eval_path, need_expert=False) if eval_path else []
-        if cfg.eval_max_prompts is not None:
-            evals = evals[: cfg.eval_max_prompts]
+        prompts_path, eval_path = rl_prompt_files(self.job, self.run_dir, self.info.is_main)
+        train = self._encode(prompts_path, "rl.prompts_path", need_expert=self.spec.uses_expert)
+        evals = self._encode(eval_path, "rl.eval_path", need_expert=False) if eval_path else []
+        if self.cfg.eval_max_prompts is not None:
+            evals = evals[: self.cfg.eval_max_prompts]
         return train, evals
 
-    def _encode(self, path: str, need_expert: bool) -> list[Prompt]:
-        rows = load_prompt_rows(path)
+    def _encode(self, path, setting: str, need_expert: bool) -> list[Prompt]:
+        rows = load_prompt_rows(path, self.job.data.fields, setting)
         ids = encode_prompts([r.messages for r in rows], self.tokenizer)
         eot = end_of_turn_id(self.tokenizer)
         experts = encode_texts([r.response or "" for r in rows], self.tokenizer)
         out, too_long = [], 0
         for row, p, e in zip(rows, ids, experts):
             if need_expert and not row.response:
-                raise CeilingError(f"{path}: row {row.id!r} has no 'response' (expert trajectory), which "
-                                   f"rl.algorithm={self.cfg.algorithm} needs")
+                raise CeilingError(f"{setting} {path}: row {row.id!r} has no expert trajectory (`response`, LUFFY's "
+                                   f"`target`, or data.fields.response), which rl.algorithm={self.cfg.algorithm} needs")
             if len(p) > self.cfg.max_prompt_len:
                 too_long += 1
                 continue
             expert = (list(e) + [eot])[: self.cfg.max_new_tokens] if row.response else None
-            out.append(Prompt(row.id, list(p), row.answer, expert))
+            out.append(Prompt(row, list(p), expert))
         if too_long:
             log.warning("%s: %d of %d prompts are longer than rl.max_prompt_len=%d and were skipped",
                         path, too_long, len(rows), self.cfg.max_prompt_len)
@@ -180,41 +253,38 @@ class RLTrainer(FitLoop):
         return out
 
     # ------------------------------------------------------------ rollout
-    def _generate(self, prompts: list[Prompt], params: SamplingParams) -> tuple[list[list], list[list[float]], object]:
-        """Each rollout group (a rank, or a tensor-parallel group of ranks) samples its slice of `prompts`;
-        returns (outputs, rewards) for all prompts, in order."""
+    def _generate(self, prompts: list[Prompt], params: SamplingParams, keep_text: bool
+                  ) -> tuple[list[list[ScoredSample]], RewardStats, dict[str, float]]:
+        """Each rollout group (a rank, or a tensor-parallel group of ranks) samples and scores its slice of `prompts`;
+        returns every prompt's samples in order (texts only with `keep_text`), the reward's counts, and the
+        seconds spent generating and scoring."""
         rank, world = self.rollout.data_parallel
         mine = prompts[rank::world]
         t0 = time.perf_counter()
         outputs = self.rollout.generate([p.ids for p in mine], params) if mine else []
         check_weight_version(outputs, self.weight_version)
         t1 = time.perf_counter()
-        texts = [o.text for outs in outputs for o in outs]
-        answers = [p.answer for p, outs in zip(mine, outputs) for _ in outs]
-        scores, stats = score_responses(texts, answers, num_workers=self.cfg.reward_workers,
-                                        timeout_s=self.cfg.reward_timeout_s, mode=self.reward_mode)
-        self._timing["rollout"] += t1 - t0
-        self._timing["reward"] += time.perf_counter() - t1
-        lite = [[(o.response_ids(), o.finish_reason) for o in outs] for outs in outputs]
-        rewards, k = [], 0
-        for outs in outputs:
-            rewards.append(scores[k:k + len(outs)])
-            k += len(outs)
-        local = (lite, rewards, stats)
+        rows = [p.row for p, outs in zip(mine, outputs) for _ in outs]
+        scores, stats = self.reward.score([o.text for outs in outputs for o in outs], [r.answer for r in rows],
+                                          [r.data_source for r in rows], [r.extra_info for r in rows])
+        it = iter(scores)
+        local = [[ScoredSample(o.text if keep_text else "", len(o.response_ids()), o.finish_reason, next(it),
+                               o.response_ids()) for o in outs] for outs in outputs]
+        timing = {"rollout": t1 - t0, "reward": time.perf_counter() - t1}
         if world == 1:
-            return lite, rewards, stats
+            return local, stats, timing
         gathered = [None] * self.info.world_size
-        dist.all_gather_object(gathered, local)
+        dist.all_gather_object(gathered, (local, stats, timing))
         gathered = gathered[::self.info.world_size // world]  # one answer per tensor-parallel group
-        all_out, all_rew = [None] * len(prompts), [None] * len(prompts)
-        total = None
-        for r, (lo, rw, st) in enumerate(gathered):
-            for j, (o, w) in enumerate(zip(lo, rw)):
-                all_out[r + j * world], all_rew[r + j * world] = o, w
-            total = st if total is None else total + st
-        return all_out, all_rew, total
+        merged: list[list[ScoredSample] | None] = [None] * len(prompts)
+        total = RewardStats()
+        for r, (samples, st, _) in enumerate(gathered):
+            for j, s in enumerate(samples):
+                merged[r + j * world] = s
+            total = total + st
+        return merged, total, timing
 
-    def _round(self, k: int) -> list[Group]:
+    def _round(self, k: int, step: RolloutStep) -> list[Group]:
         idx = self.order.take(self.state["cursor"], self.cfg.gen_batch)
         self.state["cursor"] += self.cfg.gen_batch
         prompts = [self.prompts[i] for i in idx]
@@ -222,20 +292,20 @@ class RLTrainer(FitLoop):
         # no rollout logprobs: the update recomputes old_logp when it needs them (mini_batches > 1)
         params = SamplingParams(self.cfg.temperature, self.cfg.top_p, self.cfg.max_new_tokens, self.cfg.n_samples, seed,
                                 logprobs=False)
-        outputs, rewards, stats = self._generate(prompts, params)
-        self._round_stats.append(stats)
-        self._gen_tokens += sum(len(p.ids) + len(o[0]) for p, outs in zip(prompts, outputs) for o in outs)
-        self._new_tokens += sum(len(o[0]) for outs in outputs for o in outs)
-        return [Group(rw, payload=(p, outs)) for p, outs, rw in zip(prompts, outputs, rewards)]
+        samples, stats, timing = self._generate(prompts, params, keep_text=step.dump)
+        step.add_round(prompts, samples, stats, timing)
+        return [Group([s.score.reward for s in group], payload=(p, group)) for p, group in zip(prompts, samples)]
 
     def _sequences(self, groups: list[Group]) -> list[Seq]:
         if self.spec.uses_expert:
             self._score_experts([g.payload[0] for g in groups])
         seqs = []
         for g, group in enumerate(groups):
-            prompt, outs = group.payload
-            for (resp, _), reward in zip(outs, group.rewards):
-                seqs.append(Seq(prompt.ids + resp, [0] * len(prompt.ids) + [1] * len(resp), reward, g, False))
+            prompt, samples = group.payload
+            for sample in samples:
+                resp = sample.response_ids
+                seqs.append(Seq(prompt.ids + resp, [0] * len(prompt.ids) + [1] * len(resp), sample.score.reward, g,
+                                False))
             if self.spec.uses_expert:
                 for _ in range(self.cfg.n_expert):
                     e = prompt.expert_ids
@@ -250,8 +320,10 @@ class RLTrainer(FitLoop):
         scores = None
         if self.info.is_main:
             texts = [self.tokenizer.decode(p.expert_ids, skip_special_tokens=True) for p in todo]
-            scores, _ = score_responses(texts, [p.answer for p in todo], num_workers=self.cfg.reward_workers,
-                                        timeout_s=self.cfg.reward_timeout_s, mode=self.reward_mode)
+            results, stats = self.reward.score(texts, [p.row.answer for p in todo], [p.row.data_source for p in todo],
+                                               [p.row.extra_info for p in todo])
+            stats.warn("expert trajectories")
+            scores = [r.reward for r in results]
         if self.info.world_size > 1:
             box = [scores]
             dist.broadcast_object_list(box, src=0)
@@ -346,9 +418,9 @@ class RLTrainer(FitLoop):
     # ------------------------------------------------------------ one step
     def train_step(self) -> dict[str, object]:
         cfg = self.cfg
-        self._timing, self._round_stats, self._gen_tokens, self._new_tokens = {"rollout": 0.0, "reward": 0.0}, [], 0, 0
+        step = RolloutStep(dump=self._dumps(self.step + 1))
         t0 = time.perf_counter()
-        result = dynamic_sampling(self._round, cfg.train_batch, cfg.max_gen_rounds,
+        result = dynamic_sampling(partial(self._round, step=step), cfg.train_batch, cfg.max_gen_rounds,
                                   filter_groups=self.spec.dynamic_sampling, on_unfilled=cfg.on_unfilled)
         if not result.filled and self.spec.dynamic_sampling:
             log.warning("step %d: dynamic sampling kept %d of %d groups in %d rounds; training on the short batch",
@@ -392,60 +464,78 @@ class RLTrainer(FitLoop):
         update_tokens = sum(len(s.ids) for s in on_policy)
         expert_tokens = sum(len(s.ids) for s in seqs if s.is_expert)
         n_gen = result.num_generated * cfg.n_samples
-        mean_seq_len = (self._gen_tokens + update_tokens + expert_tokens) / max(n_gen + len(seqs), 1)
+        mean_seq_len = (step.gen_tokens + update_tokens + expert_tokens) / max(n_gen + len(seqs), 1)
         step_flops = flops_lib.rl_step_flops(
-            FLOPS_FAMILY[cfg.algorithm], self.model_config, mean_seq_len=mean_seq_len, gen_tokens=self._gen_tokens,
+            FLOPS_FAMILY[cfg.algorithm], self.model_config, mean_seq_len=mean_seq_len, gen_tokens=step.gen_tokens,
             update_tokens=update_tokens, offpolicy_tokens=expert_tokens)
         self.state["exaflops"] += step_flops / 1e18
-        stats = self._round_stats[0]
-        for s in self._round_stats[1:]:
-            stats = stats + s
+        step.stats.warn(f"RL step {self.step}")
+        if step.dump and self.info.is_main:
+            kept = {id(g.payload[1]) for g in result.groups}
+            write_generations(self.run_dir / "generations" / f"step_{self.step:08d}.jsonl",
+                              step.records(self.step, kept, self.weight_version - bool(seqs), self.tokenizer),
+                              cfg.dump_max_rows)
         all_rewards = [r for g in result.groups for r in g.rewards]
-        resp_lens = [s.n_response for s in on_policy]
         metrics.update({
-            "rollout/reward_mean": stats.accuracy,
+            **step.metrics(),
             "rollout/kept_reward_mean": sum(all_rewards) / max(len(all_rewards), 1),
             "rollout/pass_rate": sum(max(g.rewards) > 0 for g in result.groups) / max(len(result.groups), 1),
             "rollout/kept_group_frac": result.kept_fraction,
             "rollout/num_rounds": result.num_rounds,
             "rollout/groups": len(result.groups),
             "rollout/filled": int(result.filled),
-            "compute/gen_tokens": self._gen_tokens, "compute/update_tokens": update_tokens,
-            "compute/expert_tokens": expert_tokens, "compute/gen_seqs": n_gen, "compute/new_tokens": self._new_tokens,
-            "rollout/unparsed": stats.num_unparsed,
-            "rollout/response_len_mean": sum(resp_lens) / max(len(resp_lens), 1),
-            "rollout/response_len_max": max(resp_lens, default=0),
+            "compute/gen_tokens": step.gen_tokens, "compute/update_tokens": update_tokens,
+            "compute/expert_tokens": expert_tokens, "compute/gen_seqs": n_gen, "compute/new_tokens": step.new_tokens,
             "rollout/sft_prompts": n_gated if cfg.algorithm == "upt" else None,
-            "time/rollout_s": self._timing["rollout"], "time/reward_s": self._timing["reward"],
+            "time/rollout_s": step.rollout_s, "time/reward_s": step.reward_s,
             "time/update_s": t2 - t1, "time/step_s": time.perf_counter() - t0,
             # as SFT's: tokens trained per second of the update; and tokens generated per second of rollout
             "perf/tokens_per_s": (update_tokens + expert_tokens) / max(t2 - t1, 1e-9),
-            "perf/rollout_tokens_per_s": self._new_tokens / max(self._timing["rollout"], 1e-9),
+            "perf/rollout_tokens_per_s": step.new_tokens / max(step.rollout_s, 1e-9),
             "compute/step_flops": step_flops, "compute/exaflops": self.state["exaflops"],
         })
         return metrics
 
+    def _dumps(self, step: int) -> bool:
+        """Whether step `step` (and the evaluation after it) writes its generations."""
+        every = self.cfg.dump_generations
+        return bool(every) and step % every == 0
+
     # ------------------------------------------------------------ evaluation
-    def evaluate(self, samples: int | None = None) -> float:
-        """pass@1 (mean over `samples`, default `eval_samples`, samples per prompt) on the eval prompts, generated
-        by the run's rollout backend with the weights it holds now (before `fit`'s first sync: the initial ones)."""
+    def evaluate(self, samples: int | None = None) -> EvalOutcome:
+        """pass@1 (the fraction of `samples`, default `eval_samples`, samples per prompt that count as solved), pass@k
+        and maj@k, truncation and lengths on the eval prompts, generated by the run's rollout backend with the weights
+        it holds now and scored by the run's reward."""
         cfg = self.cfg
         params = SamplingParams(cfg.eval_temperature, 1.0, cfg.max_new_tokens, samples or cfg.eval_samples,
-                                seed=self.job.run.seed + 7, logprobs=False)
-        self._timing = {"rollout": 0.0, "reward": 0.0}
-        _, rewards, _ = self._generate(self.eval_prompts, params)
-        flat = [r for rs in rewards for r in rs]
-        return sum(flat) / max(len(flat), 1)
+                                seed=eval_seed(self.job.run.seed), logprobs=False)
+        dump = bool(cfg.dump_generations) and self.info.is_main
+        per_prompt, stats, _ = self._generate(self.eval_prompts, params, keep_text=bool(cfg.dump_generations))
+        stats.warn(f"evaluation at RL step {self.step}")
+        rows = [p.row for p in self.eval_prompts]
+        records = generation_records("eval", self.step, rows, [self.tokenizer.decode(p.ids) for p in self.eval_prompts],
+                                     per_prompt, self.weight_version) if dump else []
+        return EvalOutcome(summarize_samples(per_prompt), summarize_by_source(per_prompt, [r.data_source for r in rows]),
+                           records)
 
     def _record_eval(self) -> dict[str, object]:
         t0 = time.perf_counter()
-        pass1 = self.evaluate()
+        outcome = self.evaluate()
         seconds = time.perf_counter() - t0
-        self.state["eval_history"].append({"step": self.step, "rl_exaflops": self.state["exaflops"], "pass@1": pass1,
-                                           "backend": self.rollout.backend, "seconds": round(seconds, 3)})
+        scores = {k: v for k, v in outcome.metrics.items() if k.startswith(("pass@", "maj@"))}
+        self.state["eval_history"].append({
+            "step": self.step, "rl_exaflops": self.state["exaflops"], **scores, "backend": self.rollout.backend,
+            "seconds": round(seconds, 3), "truncated_frac": outcome.metrics.get("truncated_frac"),
+            **({"by_source": {s: m["pass@1"] for s, m in outcome.by_source.items()}} if outcome.by_source else {})})
         if self.info.is_main:
             write_json_atomic(self.run_dir / "eval_curve.json", self.state["eval_history"])
-        return {"eval/pass@1": pass1, "compute/exaflops": self.state["exaflops"], "time/eval_s": seconds}
+            if outcome.records:
+                write_generations(self.run_dir / "generations" / f"eval_step_{self.step:08d}.jsonl", outcome.records,
+                                  self.cfg.dump_max_rows)
+        return {**{f"eval/{k}": v for k, v in outcome.metrics.items()},
+                **{f"eval/{s}/{k}": v for s, m in outcome.by_source.items() for k, v in m.items()
+                   if k.startswith(("pass@", "maj@"))},
+                "compute/exaflops": self.state["exaflops"], "time/eval_s": seconds}
 
     # ------------------------------------------------------------ checkpoints
     def save(self) -> Path:
@@ -487,7 +577,10 @@ class RLTrainer(FitLoop):
     def finish(self) -> dict[str, object]:
         summary = {"steps": self.step, "exaflops": self.state["exaflops"], "eval_history": self.state["eval_history"],
                    "stopped": self.state.get("stopped"), "checkpoint": str(latest_checkpoint(self.ckpt_root)),
-                   "rollout_backend": self.rollout.backend}
+                   "rollout_backend": self.rollout.backend, "reward": self.reward.describe(),
+                   "eval_prompts": len(self.eval_prompts)}
+        if self.cfg.export_hf:  # collective: every rank gathers its shards
+            summary["hf_dir"] = str(export_model(self.model, self.run_dir / "hf", self.tokenizer, self.job.model.path))
         if self.info.is_main:
             write_json_atomic(self.run_dir / "rl_summary.json", summary)
         return summary

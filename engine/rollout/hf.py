@@ -45,7 +45,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.data.packing import collate_packed
-from engine.data.tokenizer import end_of_turn_id
+from engine.data.tokenizer import stop_token_ids
 from engine.losses import linear_policy_loss
 from engine.models.attention import PACKED_ATTENTION
 from engine.models.build import PackedCausalLM
@@ -110,9 +110,7 @@ class HFRollout(Rollout):
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(self.model.parameters()).device
         self.batch_size = batch_size
-        stops = [end_of_turn_id(tokenizer)]
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
-            stops.append(int(tokenizer.eos_token_id))
+        stops = stop_token_ids(tokenizer)
         self.stop_ids = stops
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else stops[0]

@@ -1,10 +1,14 @@
-"""Run directory and metrics: `runs/<name>/` with the resolved config, `metrics.jsonl`, TensorBoard.
+"""Run directory and metrics: `runs/<name>/` with the resolved config, `metrics.jsonl` and its mirrors.
 
     runs/<name>/config.yaml     the resolved config, exactly what ran (written at start)
     runs/<name>/run.lock        host and pid of the process using the run (engine/rundir/run_lock.py)
     runs/<name>/metrics.jsonl   one JSON object per logged step: {"step": 12, "time": ..., "train/loss": ...}
-    runs/<name>/tb/             TensorBoard events (when enabled and tensorboard is installed)
+    runs/<name>/tb/             TensorBoard events (run.loggers: [tensorboard])
+    runs/<name>/wandb/, wandb_id          Weights & Biases files and run id (run.loggers: [wandb])
+    runs/<name>/mlruns/, mlflow_run_id    MLflow file store (without MLFLOW_TRACKING_URI) and run id ([mlflow])
 
+metrics.jsonl is the source of truth: always written, first; the loggers in engine/rundir/loggers.py mirror its
+numeric values, and one that fails is switched off with a warning, never stopping the run.
 Keys are namespaced with `/` (`train/loss`, `val/loss`, `perf/tokens_per_s`, `compute/exaflops`).
 Only rank 0 writes. Values may be Python numbers or 0-d tensors; they are converted here, at the
 logging interval, which is the only place the training loop pays for a host sync. NaN and inf are
@@ -14,19 +18,17 @@ written as null (JSON has no NaN) and listed under "nonfinite".
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from engine.config import dump_config
+from engine.rundir.loggers import Mirrors
 from engine.rundir.run_lock import acquire_run_lock
-
-log = logging.getLogger("ceiling")
 
 
 def make_run_dir(output_dir: str | Path, name: str, cfg: Any | None = None) -> Path:
@@ -50,20 +52,15 @@ def _to_number(value: Any) -> Any:
 
 
 class MetricsLogger:
-    """Appends one JSON line per `log` call; mirrors scalars to TensorBoard when asked."""
+    """Appends one JSON line per `log` call, then hands the record to the other `loggers` (run.loggers)."""
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = False, enabled: bool = True):
+    def __init__(self, run_dir: str | Path, *, loggers: Sequence[str] = ("jsonl",), project: str = "ceiling-engine",
+                 run_name: str | None = None, config: dict[str, Any] | None = None, enabled: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
+        self._mirrors = Mirrors(loggers if enabled else (), run_dir, project=project,
+                                run_name=run_name or Path(run_dir).name, config=config)
         self._file = self.path.open("a") if enabled else None
-        self._tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                log.warning("tensorboard is not installed (pip install tensorboard); logging to metrics.jsonl only")
-            else:
-                self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         record: dict[str, Any] = {"step": int(step), "time": round(time.time(), 3)}
@@ -79,19 +76,14 @@ class MetricsLogger:
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key not in ("step", "time") and isinstance(value, int | float) and not isinstance(value, bool):
-                    self._tb.add_scalar(key, value, step)
+        self._mirrors.log(int(step), record)
         return record
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        self._mirrors.close()
 
     def __enter__(self) -> MetricsLogger:
         return self

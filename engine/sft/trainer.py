@@ -33,15 +33,16 @@ from torch.distributed.fsdp import FSDPModule
 from engine import flops as flops_lib
 from engine.analysis.phases import current_subphase, subphase_reached
 from engine.config import SFTJobConfig
+from engine.data.files import expand_paths
 from engine.data.packing import IGNORE_INDEX, PackedBatch, collate_packed, pack_for_ranks
 from engine.data.synthetic import write_task
 from engine.data.token_store import TokenStore, open_token_store
-from engine.data.tokenizer import load_tokenizer
+from engine.data.tokenizer import model_tokenizer
 from engine.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from engine.errors import CeilingError
 from engine.fit_loop import FitLoop
 from engine.losses import linear_cross_entropy
-from engine.models.hf_checkpoint import save_hf_sharded
+from engine.models.hf_checkpoint import export_model
 from engine.rundir.checkpoint import (
     latest_checkpoint,
     prune_checkpoints,
@@ -72,9 +73,9 @@ def load_data(job: SFTJobConfig, tokenizer, run_dir: Path, info: DistInfo
     root = Path(job.sft.token_store_dir or Path(job.run.output_dir) / "token_store")
     progress = info.is_main and job.run.progress
     store = partial(open_token_store, tokenizer=tokenizer, max_seq_len=data.max_seq_len, overlong=data.overlong,
-                    root=root, progress=progress, workers=data.tokenize_workers)
-    train = store([train_path])
-    val = store([val_path]) if val_path else None
+                    root=root, progress=progress, workers=data.tokenize_workers, fields=data.fields)
+    train = store(expand_paths(train_path, "data.train_path"))
+    val = store(expand_paths(val_path, "data.val_path")) if val_path else None
     return train, val, train.stats
 
 
@@ -92,7 +93,7 @@ class SFTTrainer(FitLoop):
         self.info = init_distributed(job.run.device)
         self.run_dir = make_run_dir(job.run.output_dir, job.run.name, job if self.info.is_main else None)
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.tokenizer = load_tokenizer(job.model.tokenizer)
+        self.tokenizer = model_tokenizer(job.model)
         if stores is None:
             self.train, self.val, self.train_stats = load_data(job, self.tokenizer, self.run_dir, self.info)
         else:
@@ -240,11 +241,12 @@ class SFTTrainer(FitLoop):
 
     def finish(self) -> dict[str, object]:
         summary = {"steps": self.step, "exaflops": self.state["exaflops"], "tokens": self.state["tokens"],
+                   "train_rows": self.train_stats.num_rows,
                    "stopped": self.state.get("stopped"),
                    "best": self.state["best"], "val_history": self.state["val_history"],
                    "checkpoint": str(latest_checkpoint(self.ckpt_root))}
         if self.cfg.export_hf:
-            save_hf_sharded(self.model, self.run_dir / "hf", self.tokenizer)
+            export_model(self.model, self.run_dir / "hf", self.tokenizer, self.job.model.path)
             summary["hf_dir"] = str(self.run_dir / "hf")
         if self.info.is_main:
             write_json_atomic(self.run_dir / "sft_summary.json", summary)

@@ -115,7 +115,10 @@ def judge_study(job, state: dict, fits: dict[str, dict]) -> list[Verdict]:
         t = job.data.synthetic
         fitted = [f.A_post for f in fits.get(spec.name, {}).values()
                   if isinstance(f, FitResult) and math.isfinite(f.A_post)]
-        outcomes.append(SceneOutcome(spec.name, spec.num_train or t.num_train, spec.difficulty_mix or t.difficulty_mix,
+        # on files a scene is its rows as they are: its size is what SFT read, its mix "uniform" (not reweighted)
+        size, mix = ((spec.num_train or t.num_train, spec.difficulty_mix or t.difficulty_mix) if t is not None
+                     else (st["sft"].get("train_rows", 0), "uniform"))
+        outcomes.append(SceneOutcome(spec.name, size, mix,
                                      history_min(st["sft"]["val_history"], job.sft)[1],
                                      max(scores[spec.name].values(), key=lambda s: s.value),
                                      max(fitted) if fitted else None))

@@ -46,6 +46,7 @@ from engine.analysis.early_stop import ceiling_stop_rule
 from engine.analysis.phases import history_min, history_subphases
 from engine.config import (
     DataConfig,
+    RewardConfig,
     RLJobConfig,
     SceneSpec,
     SFTJobConfig,
@@ -251,9 +252,26 @@ class Sweep:
         return rec
 
     def scene_data(self, spec: SceneSpec) -> DataConfig:
+        """The scene's SFT data: a variant of data.synthetic, or its files (the sweep's where it names none)."""
+        data = self.job.data
+        if data.synthetic is None:
+            return replace(data, train_path=spec.train_path or data.train_path, val_path=spec.val_path or data.val_path)
         overrides = {k: v for k, v in (("num_train", spec.num_train), ("difficulty_mix", spec.difficulty_mix))
                      if v is not None}
-        return replace(self.job.data, synthetic=replace(self.job.data.synthetic, **overrides))
+        return replace(data, synthetic=replace(data.synthetic, **overrides))
+
+    def scene_eval_path(self, spec: SceneSpec):
+        """The held-out set that scores the scene's base model, SFT checkpoints and RL branches."""
+        if self.job.data.synthetic is not None:
+            return self.root / spec.name / "sft" / "data" / "eval.jsonl"
+        return spec.eval_path or self.job.rl.eval_path
+
+    def reward(self) -> RewardConfig:
+        """One reward for every item of the sweep (baselines included): the `reward:` section, its mode resolved
+        with the sweep's rl.algorithm, so a checkpoint scores the same wherever the sweep scores it."""
+        from engine.rl.algorithms import ALGORITHMS
+
+        return replace(self.job.reward, mode=self.job.reward.mode or ALGORITHMS[self.job.rl.algorithm].reward_mode)
 
     def sft_job(self, spec: SceneSpec) -> SFTJobConfig:
         """The scene's SFT: a checkpoint at every validation, all kept."""
@@ -282,7 +300,7 @@ class Sweep:
         else:
             branches = select_branches(steps, best["step"], k)
         log.info("sweep %s: RL branches from SFT steps %s", spec.name, branches)
-        record = {k: summary[k] for k in ("steps", "exaflops", "val_history")} | {"best": best}
+        record = {k: summary[k] for k in ("steps", "exaflops", "val_history", "train_rows")} | {"best": best}
         record["until"] = {"target": sft.until, "cap": sft.steps, "stopped": summary["stopped"],
                            "filled": summary.get("filled")}
         return {"sft": record, "branches": branches}
@@ -333,9 +351,10 @@ class Sweep:
         (`rollout.backend`, the run's device): it starts with the base weights and receives each checkpoint by
         `sync_weights`. Resumable through `<scene>/sft_eval.partial.json`."""
         from engine.config import EvalConfig
-        from engine.data.tokenizer import load_tokenizer
+        from engine.data.tokenizer import model_tokenizer
         from engine.distributed import init_distributed
-        from engine.evaluate import Benchmark, eval_rollout, evaluate, load_checkpoint_model
+        from engine.evaluate import Benchmark, eval_rollout, eval_seed, evaluate, load_checkpoint_model
+        from engine.reward import Reward
 
         job, sweep = self.job, self.job.sweep
         partial_path = self.root / spec.name / "sft_eval.partial.json"
@@ -344,12 +363,13 @@ class Sweep:
         todo = [s for s in sft_eval_steps(sft, sweep.sft_eval_every) if str(s) not in scores]
         if not todo:
             return {"sft_pass1": scores, "n_eval": partial["n_eval"]}
-        tokenizer = load_tokenizer(job.model.tokenizer)
+        tokenizer = model_tokenizer(job.model)
         cfg = EvalConfig(samples=sweep.eval_samples, temperature=job.rl.eval_temperature,
                          max_new_tokens=job.rl.max_new_tokens, max_prompts=job.rl.eval_max_prompts,
-                         batch_size=job.rl.rollout_batch_size, reward_workers=job.rl.reward_workers)
-        bench = Benchmark.load("eval", self.root / spec.name / "sft" / "data" / "eval.jsonl", tokenizer,
-                               cfg.max_prompts)
+                         max_prompt_len=job.rl.max_prompt_len, batch_size=job.rl.rollout_batch_size)
+        bench = Benchmark.load("eval", self.scene_eval_path(spec), tokenizer, cfg.max_prompts, job.data.fields,
+                               cfg.max_prompt_len)
+        reward = Reward.of(self.reward())
         info = init_distributed(job.run.device)
         rollout = eval_rollout(job.rollout, job.model, tokenizer, info, workdir=self.root / spec.name / "sft_eval",
                                seed=job.run.seed, max_model_len=Benchmark.max_model_len([bench], cfg.max_new_tokens),
@@ -360,7 +380,7 @@ class Sweep:
                     model = load_checkpoint_model(self.sft_checkpoint(spec.name, step), job.model)
                     rollout.sync_weights(model, version)
                     del model
-                result = evaluate(rollout, [bench], cfg, seed=job.run.seed)
+                result = evaluate(rollout, [bench], cfg, seed=eval_seed(job.run.seed), reward=reward, step=step)
                 scores[str(step)] = result.scores["eval"]
                 partial["n_eval"], partial["backend"] = result.counts["eval"], result.backend
                 log.info("sweep %s: pass@1 of SFT step %d = %.2f%% (%s)", spec.name, step, scores[str(step)],
@@ -376,7 +396,9 @@ class Sweep:
         job = self.job
         ckpt = self.sft_checkpoint(spec.name, init_step) if init_step else None
         name = f"rl_{init_step or 0}" if "/rl/" in key else f"baseline_{algorithm}"
-        rl = replace(job.rl, algorithm=algorithm, init_checkpoint=str(ckpt) if ckpt else None)
+        rl = replace(job.rl, algorithm=algorithm, init_checkpoint=str(ckpt) if ckpt else None, export_hf=False,
+                     prompts_path=spec.prompts_path or job.rl.prompts_path,
+                     eval_path=job.rl.eval_path if job.data.synthetic is not None else self.scene_eval_path(spec))
         budget = self.matched_budget(spec.name) if not init_step else None
         if budget is not None:
             # Steps are an upper bound (the base model's short answers make a step cheaper than a branch's);
@@ -385,8 +407,8 @@ class Sweep:
             rl = replace(rl, max_exaflops=budget["exaflops"], steps=max(job.rl.steps, math.ceil(4 * est)),
                          eval_every=max(1, round(job.rl.eval_every * est / job.rl.steps)))
         rl_job = RLJobConfig(run=replace(job.run, output_dir=str(self.root / spec.name), name=name),
-                             model=job.model, data=self.scene_data(spec), rl=rl, rollout=job.rollout,
-                             kernels=job.kernels, fsdp=job.fsdp)
+                             model=job.model, data=self.scene_data(spec), rl=rl, reward=self.reward(),
+                             rollout=job.rollout, kernels=job.kernels, fsdp=job.fsdp)
         return rl_job, budget
 
     def run_rl(self, spec: SceneSpec, key: str, algorithm: str, init_step: int | None, early_stop: bool,

@@ -172,7 +172,7 @@ def write_sweep_report(job, root: Path, state: dict) -> Path:
         base_rows = "\n".join(f"| {r['algorithm'].upper()} | {r['steps']}/{r['planned_steps']} | "
                               f"{_gf(r['exaflops'], 4):.4g} | {100 * r['eval_history'][-1]['pass@1']:.2f} |"
                               for k, r in st.get("rl", {}).items() if k.startswith("baseline/") and r["eval_history"])
-        task = replace_task(job, spec)
+        task = replace_task(job, spec, st["sft"])
         race = race_markdown(st) if st.get("race") else ""
         sections.append(f"""## Scene `{spec.name}`
 
@@ -224,7 +224,7 @@ of the whole branch, and the branch a user would have picked:
              "'used/planned' shows the RL steps a branch ran of `rl.steps`") if job.sweep.early_stop != "off" else "off"
     text = f"""# Sweep `{job.run.name}`: SFT sub-phases x RL branches, Plasticity-Ceiling fits
 
-The paper's study (arXiv 2512.11470) in miniature on the synthetic math task. Compute is in GFLOPs by the
+The paper's study (arXiv 2512.11470) in miniature on {"the synthetic math task" if job.data.synthetic else "your files"}. Compute is in GFLOPs by the
 paper's Appendix C. P_sft is the pass@1 of the SFT checkpoint; PL_rl the fitted asymptotic RL gain; A_post =
 P_sft + PL_rl the predicted ceiling; C_mid, B the sigmoid's midpoint and steepness. Sub-phases (over the whole
 validation history): Stable L <= {1 + cfg.subphase_d1:.2f} L_min, Mild below {1 + cfg.subphase_d2:.2f} L_min after
@@ -326,8 +326,11 @@ def race_markdown(st: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_task(job, spec) -> str:
+def replace_task(job, spec, sft: dict | None = None) -> str:
     t = job.data.synthetic
+    if t is None:
+        rows = (sft or {}).get("train_rows")
+        return f"{rows if rows is not None else '?'} SFT rows of {spec.train_path or job.data.train_path}"
     n = spec.num_train if spec.num_train is not None else t.num_train
     mix = spec.difficulty_mix or t.difficulty_mix
     return f"{n} SFT examples, difficulty mix {mix}, {t.min_ops}-{t.max_ops} ops, {t.max_digits}-digit operands"
