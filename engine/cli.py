@@ -29,7 +29,7 @@ from engine.errors import CeilingError
 # command -> the module whose `register` adds it, in the order `ceiling --help` lists them
 COMMANDS = {
     "run": "engine.pipeline", "sweep": "engine.sweep.cli", "pretrain": "engine.pretrain", "sft": "engine.sft",
-    "rl": "engine.rl.cli", "eval": "engine.evaluate", "export": "engine.export", "flops": "engine.flops",
+    "rl": "engine.rl.cli", "eval": "engine.evaluate", "export": "engine.models.export", "flops": "engine.flops",
     "fit": "engine.analysis.cli", "data": "engine.data.public_layouts",
 }
 

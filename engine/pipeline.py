@@ -129,7 +129,7 @@ class Pipeline:
         from engine.evaluate import Benchmark, eval_rollout, eval_seed, evaluate
         from engine.reward import Reward
         from engine.rl.algorithms import ALGORITHMS
-        from engine.rl.trainer import rl_prompt_files
+        from engine.rl.rollouts import rl_prompt_files
 
         job, rl = self.job, self.job.rl
         info = init_distributed(job.run.device)

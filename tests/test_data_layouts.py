@@ -92,7 +92,7 @@ def test_key_paths_map_any_other_layout(tmp_path, tok):
 
 
 def test_globs_several_files_and_save_to_disk_directories(public, tmp_path, tok):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # the dev extra installs it (the engine itself reads save_to_disk with pyarrow)
     task = generate_task(TASK)
     ds = datasets.Dataset.from_parquet(str(public["rl"]))
     ds.save_to_disk(str(tmp_path / "rl_ds"))
@@ -119,7 +119,7 @@ def test_globs_several_files_and_save_to_disk_directories(public, tmp_path, tok)
 
 
 def test_save_to_disk_store_is_built_by_shards_as_by_one_process(public, tmp_path, tok):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # the dev extra installs it (the engine itself reads save_to_disk with pyarrow)
     datasets.Dataset.from_parquet(str(public["train"])).save_to_disk(str(tmp_path / "train_ds"), max_shard_size="4KB")
     files = expand_paths(tmp_path / "train_ds")
     assert len(files) > 1

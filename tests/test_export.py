@@ -1,4 +1,4 @@
-"""`ceiling export` (engine/export.py) on checkpoints the engine itself wrote: 1 rank and 2 ranks (gloo).
+"""`ceiling export` (engine/models/export.py) on checkpoints the engine itself wrote: 1 rank and 2 ranks (gloo).
 
 The exported directory is loaded by plain transformers (logits within 1e-5 of the engine's own model loaded
 from the same checkpoint by `load_checkpoint_model`) and by a vLLM engine (prompt logprobs and greedy
@@ -23,8 +23,8 @@ from engine.data.tokenizer import PAD_TOKEN, build_char_tokenizer, load_tokenize
 from engine.distributed import destroy_distributed
 from engine.errors import CeilingError
 from engine.evaluate import checkpoint_model_config, load_checkpoint_model
-from engine.export import export_checkpoint, resolve_checkpoint
 from engine.models import PackedCausalLM
+from engine.models.export import export_checkpoint, resolve_checkpoint
 from engine.sft.trainer import run_sft
 from tests.test_sft import job
 

@@ -110,7 +110,8 @@ SCRIPTED_EVAL = """
 import json
 import math
 
-from engine.rl.trainer import EvalOutcome, RLTrainer
+from engine.rl.rollouts import EvalOutcome
+from engine.rl.trainer import RLTrainer
 
 
 def _scripted(self, samples=None):

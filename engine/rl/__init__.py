@@ -4,6 +4,9 @@
     normalizers  one normaliser per loss term, token aggregation, the KL term
     sampling     DAPO dynamic sampling (drop all-equal groups, generate until the batch is full)
     update       one micro-batch's loss_fn: weights from the training forward (SRFT entropy, KL), fused loss
+Built on them (not re-exported here: they import the rollout and data layers):
+    rollouts     the records of a run's sampling: prompts, one step's generation rounds, one evaluation
+    trainer      `RLTrainer`: rollout -> rewards -> weights -> packed update -> weight sync, evaluations, export
 """
 
 from engine.rl.algorithms import (
